@@ -1,0 +1,23 @@
+"""tiltflow: fine-tune flow and diffusion models by exponential tilts p* ∝ p_base · exp(r/λ).
+
+    import tiltflow as tilt
+    model = tilt.pretrain(tilt.tasks.toy2d.get_task("mixture"), steps=2000)
+    ft = tilt.finetune(model, tilt.ExpectedReward(tilt.rewards.Linear([1.0, 0.5])), lam=1.0)
+    ft = tilt.finetune(model, tilt.CVaR(r, level=0.1, tail="left"), lam=1.0)
+"""
+
+from . import integrators, metrics, paths, rewards, tasks
+from .methods.finetune import FinetuneConfig, finetune
+from .methods.pretrain import PretrainConfig, pretrain
+from .models import FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity
+from .objectives import CVaR, ExpectedReward, solve_threshold
+from .tasks import toy2d
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlowModel", "MLPVelocity", "GaussianMixtureVelocity", "ResidualVelocity",
+    "pretrain", "PretrainConfig", "finetune", "FinetuneConfig",
+    "ExpectedReward", "CVaR", "solve_threshold",
+    "paths", "integrators", "metrics", "rewards", "tasks", "toy2d",
+]

@@ -1,0 +1,178 @@
+"""finetune: one exponential tilt p* ∝ p_base · exp(g/λ) of a FlowModel by Adjoint Matching.
+
+The objective decides g: ExpectedReward hands over r itself; CVaR solves its 1-D threshold
+problem on an offline batch of base samples first (TFFT stage 1) and hands over the hinge
+pseudo-reward. The loop owns rollouts, the lean adjoint, the optimiser, diagnostics, checkpoints
+and the progress bar; the mathematics lives in solvers/adjoint_matching.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from ..metrics import mean_pairwise_distance, reward_summary
+from ..models.flow_model import FlowModel, ResidualVelocity
+from ..models.mlp import MLPVelocity
+from ..objectives import ExpectedReward
+from ..solvers import adjoint_matching as am
+from .. import integrators
+
+
+@dataclass
+class FinetuneConfig:
+    """Settings of one Adjoint Matching run (printed and saved in the run folder)."""
+    lam: float = 1.0                 # KL weight λ: p* ∝ p_base exp(g/λ)
+    iters: int = 500                 # optimiser steps (one fresh rollout batch each)
+    batch_size: int = 256            # trajectories per iteration
+    steps: int = 50                  # memoryless-SDE steps of each rollout (uniform grid on [0, 1])
+    lr: float = 1e-3                 # Adam learning rate
+    n_loss_times: int | None = None  # times per trajectory in the loss (None: every interior time)
+    grad_clip: float = 1.0           # clip the global gradient norm (AM paper uses clipping too)
+    init: str = "auto"               # "copy": train a copy of the base net; "residual": base + zero-init MLP
+    residual_hidden: tuple = (128, 128)
+    scheme: str = "exponential"            # rollout and adjoint step (integrators.memoryless_step)
+    n_offline: int = 4096            # base samples for the objective's stage 1 (CVaR threshold)
+    checkpoint_every: int = 100
+    eval_every: int = 0              # >0: log ODE-sample diagnostics every k iterations
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _validate(cfg: FinetuneConfig):
+    if not (isinstance(cfg.lam, (int, float)) and cfg.lam > 0 and cfg.lam == cfg.lam and cfg.lam != float("inf")):
+        raise ValueError(f"lam must be a positive finite number, got {cfg.lam!r}")
+    for name in ("iters", "batch_size", "steps", "n_offline"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    if cfg.steps < 2:
+        raise ValueError(f"steps must be at least 2 (the loss uses interior times), got {cfg.steps}")
+    if cfg.lr <= 0:
+        raise ValueError(f"lr must be positive, got {cfg.lr}")
+    if cfg.init not in ("auto", "copy", "residual"):
+        raise ValueError(f"init must be 'auto', 'copy' or 'residual', got {cfg.init!r}")
+
+
+def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(128, 128)) -> FlowModel:
+    """The model to train: a copy of the base, or base (frozen) + zero-initialised residual MLP.
+
+    Both start exactly equal to the base. "auto" picks "residual" when the base has no trainable
+    parameters (closed-form velocities) and "copy" otherwise (as the paper fine-tunes all weights).
+    """
+    net = base.copy().net
+    if init == "auto":
+        init = "copy" if any(p.requires_grad for p in net.parameters()) else "residual"
+    if init == "residual":
+        if len(base.shape) != 1:
+            raise ValueError("init='residual' builds an MLP and needs vector data; use init='copy'")
+        net = ResidualVelocity(net, MLPVelocity(base.shape[0], tuple(residual_hidden), zero_init=True))
+    else:
+        net.requires_grad_(True)
+    return FlowModel(net, base.path, base.shape).to(base.device)
+
+
+def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *, out=None,
+             resume: bool = False, progress: bool = True, trainable: Callable | None = None,
+             cond=None, callback: Callable | None = None, **kwargs) -> FlowModel:
+    """Fine-tune `model` toward p* ∝ p_model · exp(g/λ); returns a new FlowModel (base untouched).
+
+    objective: an objective (ExpectedReward, CVaR, ...) or a plain reward callable r(x, cond) -> (batch,).
+    out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
+    resume: continue from the newest valid checkpoint in `out`.
+    trainable: optional filter (name, parameter) -> bool choosing which parameters train.
+    kwargs: any FinetuneConfig field (batch_size, steps, lr, n_loss_times, seed, device, ...).
+    callback(iteration, record) is called after each logged iteration.
+    """
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
+    unknown = set(kwargs) - set(FinetuneConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown finetune options {sorted(unknown)}; valid: {sorted(FinetuneConfig.__dataclass_fields__)}")
+    cfg = FinetuneConfig(lam=lam, iters=iters, **kwargs)
+    _validate(cfg)
+    if not hasattr(objective, "pseudo_reward"):
+        if not callable(objective):
+            raise ValueError(f"objective must be an objective or a reward callable, got {objective!r}")
+        objective = ExpectedReward(objective)
+    device = torch.device(cfg.device)
+    base = model.copy().to(device).eval()
+    base.requires_grad_(False)
+    ft = make_finetune_model(base, cfg.init, cfg.residual_hidden)
+    params = [p for n, p in ft.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
+    if not params:
+        raise ValueError("no trainable parameters (check `trainable` and `init`)")
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    grid = integrators.time_grid(cfg.steps, device=device)
+
+    # Stage 1 of the objective (e.g. the CVaR threshold) on an offline batch of base samples.
+    x_off = base.sample(cfg.n_offline, steps=cfg.steps, sde=True, cond=cond, generator=gen)
+    reward = objective.pseudo_reward(x_off, cfg.lam)
+    raw_reward = getattr(objective, "reward", reward)
+    stage1 = getattr(objective, "solution", None)
+
+    run = None
+    start = 0
+    config_record = {**asdict(cfg), "objective": repr(objective), "base": base.config()}
+    if out is not None:
+        run = ckpt.prepare_run(out, config_record, resume)
+        if stage1 is not None:
+            ckpt.write_json(run / "stage1.json", asdict(stage1) if hasattr(stage1, "__dataclass_fields__") else stage1)
+        if resume:
+            meta = ckpt.load_latest(run, {"model": ft}, opt, {"train": gen})
+            if meta is not None:
+                start = meta["step"]
+        elif (run / "log.jsonl").exists():
+            (run / "log.jsonl").unlink()
+    if progress:
+        print(f"tiltflow finetune: {config_record['objective']}  " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+
+    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not progress,
+               desc="finetune", dynamic_ncols=True)
+    record = {}
+    for it in bar:
+        t0 = time.perf_counter()
+        ft.eval()
+        ro = am.rollout(ft, cfg.batch_size, grid, gen, cond, cfg.scheme)
+        t1 = time.perf_counter()
+        a1, g_val = am.terminal_adjoint(reward, ro.xs[-1], cfg.lam, cond)
+        adj = am.lean_adjoint(base, ro, a1, cfg.scheme)
+        t2 = time.perf_counter()
+        idx, w = am.loss_times(cfg.steps, cfg.n_loss_times, gen)
+        ft.train()
+        loss, kl = am.adjoint_matching_loss(ft, base, ro, adj, idx, w)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at iteration {it}; lower lr or check the reward scale")
+        opt.step()
+        t3 = time.perf_counter()
+
+        with torch.no_grad():
+            r = raw_reward(ro.xs[-1], cond) if raw_reward is not reward else g_val
+        record = {"iter": it + 1, "loss": float(loss.detach()), "grad_norm": gnorm, "kl": kl,
+                  **{f"reward_{k}": v for k, v in reward_summary(r.float()).items()},
+                  "pseudo_reward_mean": float(g_val.mean()),
+                  "diversity": mean_pairwise_distance(ro.xs[-1][:256]),
+                  "time_rollout": t1 - t0, "time_adjoint": t2 - t1, "time_loss": t3 - t2}
+        bar.set_postfix(loss=f"{record['loss']:.3g}", r=f"{record['reward_mean']:.3g}", kl=f"{kl:.3g}")
+        if run is not None:
+            ckpt.append_jsonl(run / "log.jsonl", record)
+            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters:
+                ckpt.save_checkpoint(run, it + 1, {"model": ft}, opt, {"train": gen})
+        if callback is not None:
+            callback(it + 1, record)
+    ft.eval()
+    ft.requires_grad_(False)
+    if run is not None:
+        ft.save(run / "model.safetensors")
+        ckpt.write_json(run / "metrics.json", {"final": record, "stage1": asdict(stage1) if stage1 is not None and hasattr(stage1, "__dataclass_fields__") else None})
+    return ft

@@ -1,0 +1,384 @@
+"""pretrain: fit a FlowModel to data by conditional flow matching.
+
+For x1 ~ data, x0 ~ N(0, I), t ~ U(0, 1) and the path x_t = α_t x1 + β_t x0,
+
+    L(θ) = E ‖v_θ(x_t, t) − (α̇_t x1 + β̇_t x0)‖²        (Lipman et al. 2023, CFM loss, eq. (9))
+
+whose minimiser is the marginal velocity v(x, t) = E[α̇_t x1 + β̇_t x0 | x_t = x]. The norm is
+summed over data dimensions and averaged over the minibatch.
+
+coupling="ot" pairs the x0 and x1 of each minibatch by exact optimal transport on the squared
+Euclidean cost (OT-CFM, Tong et al. 2024). For equal uniform weights the optimal plan is a
+permutation, so the pairs still have the marginals N(0, I) and data: the learned distribution is
+unchanged, only the paths are straighter.
+
+All randomness (data minibatches, x0, t) comes from one CPU torch.Generator seeded by `seed`,
+which is checkpointed, so an interrupted and resumed run ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from types import BuiltinFunctionType, FunctionType, MethodType
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import checkpoint as ckpt
+from ..metrics import energy_distance
+from ..models.flow_model import FlowModel
+from ..models.mlp import MLPVelocity
+from ..paths import AffinePath, get_path
+
+LOG_EVERY = 50          # steps averaged into one log.jsonl record
+N_EVAL = 2000           # model and data samples for the final energy distance
+EVAL_ODE_STEPS = 50     # Heun steps of the evaluation samples
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of one flow-matching pretraining run (printed and saved in the run folder)."""
+    steps: int = 2000                  # optimiser steps (one minibatch each)
+    batch_size: int = 256
+    lr: float = 1e-3                   # Adam learning rate (after warm-up)
+    hidden: tuple = (256, 256, 256)    # widths of the MLP velocity network
+    path: str | dict = "rectified"     # probability path: a name or AffinePath.config()
+    coupling: str = "independent"      # "independent" or "ot" (minibatch exact OT)
+    ema: float = 0.999                 # decay of the weight average the returned model uses
+    grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
+    seed: int = 0
+    device: str = "cpu"
+    checkpoint_every: int = 500
+    lr_warmup: int = 0                 # steps of linear learning-rate warm-up from 0
+
+
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+
+def _validate(cfg: PretrainConfig):
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        _positive_int(name, getattr(cfg, name))
+    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < math.inf:
+        raise ValueError(f"lr must be a positive finite number, got {cfg.lr!r}")
+    if isinstance(cfg.ema, bool) or not isinstance(cfg.ema, (int, float)) or not 0 <= cfg.ema < 1:
+        raise ValueError(f"ema must be in [0, 1) (0 disables averaging), got {cfg.ema!r}")
+    if isinstance(cfg.grad_clip, bool) or not isinstance(cfg.grad_clip, (int, float)) \
+            or not 0 <= cfg.grad_clip < math.inf:
+        raise ValueError(f"grad_clip must be a non-negative finite number (0 disables), got {cfg.grad_clip!r}")
+    if isinstance(cfg.lr_warmup, bool) or not isinstance(cfg.lr_warmup, int) or cfg.lr_warmup < 0:
+        raise ValueError(f"lr_warmup must be a non-negative integer, got {cfg.lr_warmup!r}")
+    if not cfg.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in cfg.hidden):
+        raise ValueError(f"hidden must be a non-empty sequence of positive integers, got {cfg.hidden!r}")
+    if cfg.coupling not in ("independent", "ot"):
+        raise ValueError(f"coupling must be 'independent' or 'ot', got {cfg.coupling!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def _check_batch(x, dims: tuple | None, what: str) -> torch.Tensor:
+    """Validate a data tensor (n, d); `dims` is the expected (d,) or None to accept any."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"data must give a torch.Tensor (n, d), {what} gave {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"data must have shape (n, d), {what} has shape {tuple(x.shape)}; "
+                         "use data[:, None] for 1-D data")
+    if x.shape[0] == 0:
+        raise ValueError(f"data is empty: {what} has shape {tuple(x.shape)}")
+    if x.ndim > 2:
+        raise NotImplementedError(
+            f"data has shape {tuple(x.shape)}: image-shaped data needs a convolutional velocity "
+            "network, which pretrain does not provide yet; flatten to (n, d) to use the MLP")
+    if x[0].numel() == 0:
+        raise ValueError(f"data must have at least one feature, {what} has shape {tuple(x.shape)}")
+    if dims is not None and tuple(x.shape[1:]) != dims:
+        raise ValueError(f"data gave shape {tuple(x.shape)} ({what}), expected (n, {', '.join(map(str, dims))})")
+    if not x.is_floating_point():
+        x = x.float()
+    bad = int((~torch.isfinite(x)).any(dim=1).sum())
+    if bad:
+        raise ValueError(f"data has {bad} of {x.shape[0]} rows with NaN or inf ({what})")
+    return x
+
+
+class _Data:
+    """Uniform access to a data tensor, a sampler with `.sample(n, generator=)`, or a callable."""
+
+    def __init__(self, data, cond, seed: int):
+        if hasattr(data, "__array__") and not isinstance(data, torch.Tensor) and not callable(data):
+            data = torch.as_tensor(data)
+        self.tensor = self.sampler = None
+        if isinstance(data, torch.Tensor):
+            self.tensor = _check_batch(data.detach(), None, "the tensor")
+            self.dims = tuple(self.tensor.shape[1:])
+            self.description = f"tensor of shape {tuple(self.tensor.shape)}"
+        elif callable(getattr(data, "sample", None)) or callable(data):
+            sample = data.sample if callable(getattr(data, "sample", None)) else data
+            self.sampler = (lambda n, g: sample(n, generator=g)) if sample is not data else data
+            # a private generator: probing the shape must not consume the training stream
+            probe = self.sampler(2, torch.Generator().manual_seed(seed))
+            self.dims = tuple(_check_batch(probe, None, "a probe batch of 2").shape[1:])
+            self.description = _describe(data)
+        else:
+            raise ValueError("data must be a tensor (n, d), an object with .sample(n, generator=...) "
+                             f"or a callable (n, generator) -> tensor; got {type(data).__name__}")
+        self.cond = None
+        if cond is not None:
+            if self.tensor is None:
+                raise ValueError("cond must be paired row by row with tensor data; "
+                                 "pass data as a tensor (n, d) with cond (n, cond_dim)")
+            cond = torch.as_tensor(cond).detach()
+            if cond.ndim != 2 or cond.shape[0] != self.tensor.shape[0]:
+                raise ValueError(f"cond must have shape ({self.tensor.shape[0]}, cond_dim) to match data, "
+                                 f"got {tuple(cond.shape)}; use cond[:, None] for one value per row")
+            cond = cond.float() if not cond.is_floating_point() else cond
+            bad = int((~torch.isfinite(cond)).any(dim=1).sum())
+            if bad:
+                raise ValueError(f"cond has {bad} of {cond.shape[0]} rows with NaN or inf")
+            self.cond = cond
+
+    @property
+    def cond_dim(self) -> int:
+        return 0 if self.cond is None else self.cond.shape[1]
+
+    def draw(self, n: int, generator: torch.Generator):
+        """n rows (with replacement for a tensor): returns (x (n, d), cond (n, cond_dim) or None)."""
+        if self.tensor is not None:
+            idx = torch.randint(self.tensor.shape[0], (n,), generator=generator)
+            c = None if self.cond is None else self.cond[idx.to(self.cond.device)]
+            return self.tensor[idx.to(self.tensor.device)], c
+        return _check_batch(self.sampler(n, generator), self.dims, "the sampler"), None
+
+    def reference(self, n: int, generator: torch.Generator):
+        """Rows to compare samples with: fresh draws, or distinct rows of a tensor."""
+        if self.tensor is None:
+            return self.draw(n, generator)
+        idx = torch.randperm(self.tensor.shape[0], generator=generator)[:n]
+        c = None if self.cond is None else self.cond[idx.to(self.cond.device)]
+        return self.tensor[idx.to(self.tensor.device)], c
+
+
+def _describe(data) -> str:
+    """A description that is the same in every process (config.json must match on resume)."""
+    if isinstance(data, (FunctionType, MethodType, BuiltinFunctionType, partial)):
+        fn = data.func if isinstance(data, partial) else data     # their reprs hold addresses
+        return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    if type(data).__repr__ is not object.__repr__:
+        return repr(data)
+    return type(data).__qualname__
+
+
+# --- coupling --------------------------------------------------------------------------------
+
+def _import_ot():
+    try:
+        import ot
+    except ImportError as e:
+        raise ImportError("coupling='ot' needs POT: pip install 'tiltflow[ot]'") from e
+    return ot
+
+
+def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+    """Exact minibatch OT matching of x0 to x1 on the cost ‖x0_i − x1_j‖².
+
+    x0, x1: (batch, *dims). Returns perm (batch,) long such that (x0[perm], x1) are the optimal
+    pairs. With uniform weights 1/n on both sides the network simplex returns a vertex of the
+    Birkhoff polytope, a permutation matrix, so the argmax of each row of the plan is a
+    permutation and both marginals are preserved exactly.
+    """
+    ot = _import_ot()
+    n = x0.shape[0]
+    a = x0.detach().reshape(n, -1).double().cpu().numpy()
+    b = x1.detach().reshape(n, -1).double().cpu().numpy()
+    w = [1.0 / n] * n
+    plan = ot.emd(w, w, ot.dist(a, b, metric="sqeuclidean"))
+    col = torch.as_tensor(plan.argmax(axis=1))           # x0_i is sent to x1_col[i]
+    perm = torch.empty(n, dtype=torch.long)
+    if torch.unique(col).numel() != n:                   # emd stopped early: not a vertex
+        warnings.warn("ot.emd did not return a permutation; using the independent pairing for this batch")
+        return torch.arange(n, device=x0.device)
+    perm[col] = torch.arange(n)
+    return perm.to(x0.device)
+
+
+# --- loss ------------------------------------------------------------------------------------
+
+def cfm_loss(model: FlowModel, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+    """Conditional flow matching loss mean_i ‖v(x_t, t) − u_t‖², ‖·‖² summed over dims.
+
+    x0, x1: (batch, *dims) paired; t: (batch,). Returns a scalar tensor.
+    """
+    xt, u = model.path.interpolate(x0, x1, t)
+    err = model.velocity(xt, t, cond) - u
+    return err.pow(2).reshape(err.shape[0], -1).sum(1).mean()
+
+
+def _minibatch(data: _Data, cfg: PretrainConfig, gen: torch.Generator, device):
+    """Draw (x0, x1, t, cond) in a fixed order from `gen`; x0 permuted by OT if asked."""
+    x1, c = data.draw(cfg.batch_size, gen)
+    x0 = torch.randn(x1.shape, generator=gen)
+    t = torch.rand(cfg.batch_size, generator=gen)
+    if cfg.coupling == "ot":
+        x0 = x0[ot_pairing(x0, x1).cpu()]
+    return x0.to(device), x1.to(device), t.to(device), (None if c is None else c.to(device))
+
+
+@torch.no_grad()
+def _update_ema(ema: FlowModel, model: FlowModel, decay: float, step: int):
+    # Decay warm-up min(decay, (1 + k)/(10 + k)) as in TensorFlow's ExponentialMovingAverage with
+    # num_updates: without it 0.999^k of the random initialisation stays in a short run's average.
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - d)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+# --- training loop ---------------------------------------------------------------------------
+
+def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3,
+             hidden=(256, 256, 256), path="rectified", coupling: str = "independent",
+             ema: float = 0.999, grad_clip: float = 1.0, seed: int = 0, device="cpu", out=None,
+             resume: bool = False, progress: bool = True, checkpoint_every: int = 500,
+             lr_warmup: int = 0, cond=None) -> FlowModel:
+    """Train a FlowModel with an MLP velocity on `data` by conditional flow matching.
+
+    data: a tensor (n, d) (minibatches drawn with replacement), an object with
+      `.sample(n, generator=...) -> (n, d)` (the toy2d distributions), or a callable
+      `(n, generator) -> (n, d)`. Only vector data for now.
+    cond: optional tensor (n, cond_dim) paired row by row with tensor data; the network then
+      takes cond as input and `model.sample(..., cond=...)` samples conditionally.
+    path: "rectified", "vp", an AffinePath, or its config dict. coupling: "independent" or "ot".
+    out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
+      resume=True continues from its newest valid checkpoint (steps may be raised to train longer).
+    Returns the exponential moving average of the weights as a FlowModel in eval mode without
+    gradients.
+    """
+    path = get_path(path) if not isinstance(path, AffinePath) else path
+    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr,
+                         hidden=tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden,
+                         path=path.config(), coupling=coupling, ema=ema, grad_clip=grad_clip, seed=seed,
+                         device=str(device), checkpoint_every=checkpoint_every, lr_warmup=lr_warmup)
+    _validate(cfg)
+    if resume and out is None:
+        raise ValueError("resume=True needs out, the run folder to resume from")
+    if cfg.coupling == "ot":
+        _import_ot()
+    dev = torch.device(cfg.device)
+    source = _Data(data, cond, cfg.seed)
+
+    # Initialise from `seed` without touching the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = MLPVelocity(source.dims[0], cfg.hidden, cond_dim=source.cond_dim)
+    model = FlowModel(net, path, source.dims).to(dev)
+    avg = model.copy()
+    avg.requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    run, start = None, 0
+    record_cfg = {**asdict(cfg), "data": source.description, "cond_dim": source.cond_dim}
+    if out is not None:
+        run = ckpt.prepare_run(out, record_cfg, resume, resumable_keys=("steps",))
+        log = run / "log.jsonl"
+        if resume:
+            meta = ckpt.load_latest(run, {"model": model, "ema": avg}, opt, {"train": gen})
+            start = meta["step"] if meta is not None else 0
+            if start > cfg.steps:
+                raise ValueError(f"cannot resume {run} with steps={cfg.steps}: its newest checkpoint is "
+                                 f"at step {start}; pass steps >= {start}")
+            _truncate_log(log, start)
+        elif log.exists():
+            log.unlink()
+    if progress:
+        print("tiltflow pretrain: " + " ".join(f"{k}={v}" for k, v in record_cfg.items()))
+
+    t_start = time.perf_counter()
+    window_loss, window_gnorm, final_loss = [], [], None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+               desc="pretrain", dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        lr_now = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
+        for group in opt.param_groups:
+            group["lr"] = lr_now
+        x0, x1, t, c = _minibatch(source, cfg, gen, dev)
+        loss = cfm_loss(model, x0, x1, t, c)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {step + 1}; lower lr or standardise the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = float(torch.nn.utils.clip_grad_norm_(
+            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        opt.step()
+        _update_ema(avg, model, cfg.ema, step)
+
+        window_loss.append(float(loss.detach()))
+        window_gnorm.append(gnorm)
+        done = step + 1
+        if done % LOG_EVERY == 0 or done == cfg.steps:
+            final_loss = sum(window_loss) / len(window_loss)
+            record = {"step": done, "loss": final_loss, "grad_norm": sum(window_gnorm) / len(window_gnorm),
+                      "lr": lr_now}
+            window_loss, window_gnorm = [], []
+            bar.set_postfix(loss=f"{final_loss:.4g}")
+            if run is not None:
+                ckpt.append_jsonl(log, record)
+        if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            ckpt.save_checkpoint(run, done, {"model": model, "ema": avg}, opt, {"train": gen})
+    bar.close()
+
+    avg.eval()
+    if run is not None:
+        avg.save(run / "model.safetensors")
+        metrics = {"steps": cfg.steps, "final_loss": final_loss,
+                   "train_time_s": time.perf_counter() - t_start, **_evaluate(avg, source, cfg)}
+        ckpt.write_json(run / "metrics.json", metrics)
+        if progress:
+            print("tiltflow pretrain: " + json.dumps(metrics))
+    return avg
+
+
+def _truncate_log(log: Path, step: int):
+    """Drop log records after the checkpoint being resumed (they will be written again)."""
+    if not log.exists():
+        return
+    keep = [line for line in log.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    ckpt.atomic_write_text(log, "".join(line + "\n" for line in keep))
+
+
+@torch.no_grad()
+def _evaluate(model: FlowModel, source: _Data, cfg: PretrainConfig) -> dict:
+    """Energy distance of N_EVAL model samples (ODE, Heun) to N_EVAL data rows.
+
+    For a sampler the reference is fresh data, and a second fresh batch gives the noise floor of
+    the estimate; for a tensor it is distinct training rows (at most n).
+    """
+    gen = torch.Generator().manual_seed(cfg.seed + 1)   # not the training stream
+    ref, c = source.reference(N_EVAL, gen)
+    n = ref.shape[0]
+    if n < 2:
+        return {}
+    x = model.sample(n, steps=EVAL_ODE_STEPS, seed=cfg.seed + 2,
+                     cond=None if c is None else c.to(model.device))
+    if not torch.isfinite(x).all():
+        return {"energy_distance": float("nan"), "energy_distance_reference": "model samples not finite"}
+    out = {"energy_distance": energy_distance(x.cpu(), ref.cpu()), "energy_distance_n": n}
+    if source.tensor is None:
+        out["energy_distance_reference"] = "fresh data samples"
+        out["energy_distance_noise_floor"] = energy_distance(source.reference(N_EVAL, gen)[0], ref)
+    else:
+        out["energy_distance_reference"] = "training rows"
+    return out

@@ -1,0 +1,401 @@
+"""Objectives that reduce to ONE exponential tilt p*(x) ∝ p_base(x)·exp(g(x)/λ).
+
+An objective turns a reward ``r(x, cond=None) -> (batch,)`` into the pseudo-reward ``g`` of
+that tilt (``pseudo_reward``) and scores samples (``value``).
+
+- ``ExpectedReward``: g = r, the plain KL-regularised fine-tuning target.
+- ``CVaR``: tail-aware fine-tuning (TFFT, arXiv 2602.16796). With tail mass β = ``level``,
+
+      right-CVaR_β(r) = min_η { η + E[(r − η)₊]/β }      (mean of the top β fraction)
+      left-CVaR_β(r)  = max_η { η − E[(η − r)₊]/β }      (mean of the bottom β fraction)
+
+  For a fixed threshold η the KL-regularised problem max_p CVaR − λ·KL(p‖p_base) is a tilt
+  with pseudo-reward g_η(r) = (r − η)₊/β (right) or −(η − r)₊/β (left); its value is
+
+      F(η) = η + λ·log E_base exp(g_η(r)/λ).
+
+  Stage 1 (``solve_threshold``) picks η* = argmin F_R (right: min over η of a max over p,
+  swapped because F_R is convex) or η* = argmax F_L (left: max over both, no swap). Stage 2
+  fine-tunes once with g_η*. Why the tails differ: right-CVaR is concave in p (a min of
+  affine functions), so max_p CVaR_R − λKL is a concave problem with one optimum; left-CVaR
+  is CONVEX in p (a max of affine functions), so max_p CVaR_L − λKL can have several local
+  optima, one per local maximum of F_L (e.g. for a bimodal reward law: keep both modes, or
+  drop the lower one). F_L is not concave, and stage 1 must be solved globally.
+
+Stage 1 is exact for the empirical law of the offline batch. Between consecutive sorted
+rewards the dual has the form F(η) = η + λ·log(a + b·e^{−η/(βλ)}) − λ·log n with a, b ≥ 0
+fixed, which is convex in η on each such piece. Hence
+
+- the left maximum is attained at one of the rewards (a convex function on an interval
+  peaks at an end), and F_L is increasing below min r and non-increasing above max r;
+- the right minimum is at a reward or at the stationary point of one piece, which has the
+  closed form e^{−η/(βλ)}·Σ_{r>η} e^{r/(βλ)} = β·#{r ≤ η}/(1 − β), i.e. exactly a
+  fraction β of the tilted mass lies above η.
+
+Enumerating these candidates is a global search with no step size, in O(n log n) after one
+sort, in float64 with log-sum-exp; it replaces the grid + bracketing refinement that would
+otherwise be needed for the non-concave left dual.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.functional import softplus
+
+__all__ = [
+    "CVaR",
+    "CVaRPseudoReward",
+    "ExpectedReward",
+    "ThresholdSolution",
+    "cvar_pseudo_reward",
+    "solve_threshold",
+    "threshold_dual",
+]
+
+Reward = Callable[..., Tensor]
+_TAILS = ("right", "left")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_float(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+
+
+def _check_level(level: float) -> float:
+    beta = _as_float(level, "level")
+    if not 0.0 < beta <= 1.0:
+        raise ValueError(f"level must be in (0, 1], got {level!r}")
+    return beta
+
+
+def _check_lam(lam: float) -> float:
+    value = _as_float(lam, "lam")
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+    return value
+
+
+def _check_tail(tail: str) -> str:
+    if tail not in _TAILS:
+        raise ValueError(f"tail must be 'right' or 'left', got {tail!r}")
+    return tail
+
+
+def _check_smoothing(smoothing: float) -> float:
+    tau = _as_float(smoothing, "smoothing")
+    if not (math.isfinite(tau) and tau >= 0.0):
+        raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
+    return tau
+
+
+def _check_eta(eta: float) -> float:
+    value = _as_float(eta, "eta")
+    if not math.isfinite(value):
+        raise ValueError(f"eta must be a finite number, got {eta!r}")
+    return value
+
+
+def _check_rewards(rewards: Any, name: str = "rewards") -> Tensor:
+    r = torch.as_tensor(rewards)
+    if r.ndim != 1 or r.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D tensor, got shape {tuple(r.shape)}")
+    if not torch.is_floating_point(r):
+        r = r.to(torch.float64)
+    if not bool(torch.isfinite(r).all()):
+        bad = r[~torch.isfinite(r)][0].item()
+        raise ValueError(f"{name} must be finite, got {bad} at some entries")
+    return r
+
+
+def _call_reward(reward: Reward, x: Tensor, cond: Any = None) -> Tensor:
+    """r(x) or r(x, cond); returns (batch,)."""
+    return reward(x) if cond is None else reward(x, cond)
+
+
+def _rewards_of(reward: Reward, x: Tensor, cond: Any = None) -> Tensor:
+    """Rewards of a batch, checked: x (batch, *dims) -> (batch,)."""
+    r = _call_reward(reward, x, cond)
+    if not isinstance(r, Tensor) or r.ndim != 1 or r.shape[0] != x.shape[0]:
+        shape = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+        raise ValueError(
+            f"reward must return a tensor of shape (batch,) = ({x.shape[0]},), got {shape}"
+        )
+    return r
+
+
+# --------------------------------------------------------------------------- pseudo-reward
+
+
+def cvar_pseudo_reward(
+    r: Tensor, eta: float | Tensor, level: float, tail: str, smoothing: float = 0.0
+) -> Tensor:
+    """TFFT pseudo-reward g_η(r) of one tilt; differentiable in r (and in η if a tensor).
+
+    g_η(r) = (r − η)₊/β (right) or −(η − r)₊/β (left).
+
+    With ``smoothing = 0`` the hinge is ``relu`` and autograd uses the subgradient 0 at the
+    kink: dg/dr = 1[r > η]/β (right) or 1[r < η]/β (left), the stage-2 gradient of TFFT.
+    With ``smoothing = τ > 0``, (z)₊ is replaced by τ·softplus(z/τ) = τ·log(1 + e^{z/τ}):
+    dg/dr = sigmoid(±(r − η)/τ)/β is nonzero everywhere (so samples short of the threshold
+    still feel it), and g exceeds the hinge by at most τ·log 2/β (at r = η); τ → 0 recovers
+    the hinge.
+
+    r: (batch,) rewards. Returns (batch,).
+    """
+    beta = _check_level(level)
+    _check_tail(tail)
+    tau = _check_smoothing(smoothing)
+    z = r - eta if tail == "right" else eta - r
+    hinge = torch.relu(z) if tau == 0.0 else tau * softplus(z / tau)
+    return hinge / beta if tail == "right" else -hinge / beta
+
+
+@dataclass(frozen=True)
+class CVaRPseudoReward:
+    """g(x, cond=None) = g_η(r(x)) for a fixed threshold η; see ``cvar_pseudo_reward``.
+
+    x: (batch, *dims). Returns (batch,), differentiable through the reward.
+    """
+
+    reward: Reward
+    eta: float
+    level: float
+    tail: str
+    smoothing: float = 0.0
+
+    def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
+        r = _call_reward(self.reward, x, cond)
+        return cvar_pseudo_reward(r, self.eta, self.level, self.tail, self.smoothing)
+
+
+# --------------------------------------------------------------------------- stage 1
+
+
+def threshold_dual(
+    rewards: Tensor, eta: float | Tensor, level: float, lam: float, tail: str
+) -> Tensor:
+    """The stage-1 dual F(η) = η + λ·log E exp(g_η(r)/λ), E over the batch of base rewards.
+
+    Direct evaluation in float64 with log-sum-exp (O(m·n) work, chunked over η).
+
+    rewards: (n,) rewards of base samples. eta: scalar or (m,). Returns () or (m,), float64.
+    """
+    r = _check_rewards(rewards).detach().to("cpu", torch.float64)
+    beta, lam = _check_level(level), _check_lam(lam)
+    _check_tail(tail)
+    eta_t = torch.as_tensor(eta, dtype=torch.float64)
+    if not bool(torch.isfinite(eta_t).all()):
+        raise ValueError(f"eta must be finite, got {eta!r}")
+    return _dual(r, eta_t, beta, lam, tail)
+
+
+def _dual(r: Tensor, eta: Tensor, beta: float, lam: float, tail: str) -> Tensor:
+    """threshold_dual without checks. r: (n,), eta: any shape -> same shape."""
+    n = r.numel()
+    chunk = max(1, 2**22 // n)
+    out = []
+    for e in eta.reshape(-1).split(chunk):
+        g = cvar_pseudo_reward(r[None, :], e[:, None], beta, tail)
+        # F(η) = η + λ·log((1/n)·Σ_i exp(g_η(r_i)/λ))
+        out.append(e + lam * (torch.logsumexp(g / lam, dim=1) - math.log(n)))
+    return torch.cat(out).reshape(eta.shape)
+
+
+@dataclass(frozen=True)
+class ThresholdSolution:
+    """Stage-1 result: η* and the dual optimum F(η*) on a batch of n base rewards."""
+
+    eta: float
+    value: float
+    n: int
+    tail: str
+    level: float
+    lam: float
+
+
+class _SortedDual:
+    """F(η) for many η at O(log n) each, from prefix/suffix log-sum-exps of sorted rewards.
+
+    With c = βλ, g_η/λ = (r − η)₊/c (right) or −(η − r)₊/c (left), so
+    right: n·E e^{g/λ} = #{r ≤ η} + e^{−η/c}·Σ_{r>η} e^{r/c},
+    left:  n·E e^{g/λ} = #{r ≥ η} + e^{−η/c}·Σ_{r<η} e^{r/c}.
+    """
+
+    def __init__(self, r_sorted: Tensor, beta: float, lam: float, tail: str):
+        self.r, self.beta, self.lam, self.tail = r_sorted, beta, lam, tail
+        self.c = beta * lam
+        z = r_sorted / self.c
+        ninf = torch.full((1,), -math.inf, dtype=z.dtype)
+        if tail == "right":  # lse[i] = log Σ_{j ≥ i} e^{z_j}
+            self.lse = torch.cat([torch.logcumsumexp(z.flip(0), 0).flip(0), ninf])
+        else:  # lse[i] = log Σ_{j < i} e^{z_j}
+            self.lse = torch.cat([ninf, torch.logcumsumexp(z, 0)])
+
+    def __call__(self, eta: Tensor) -> Tensor:
+        n = self.r.numel()
+        if self.tail == "right":
+            k = torch.searchsorted(self.r, eta, right=True)  # #{r ≤ η}
+            flat = k.to(eta.dtype)
+        else:
+            k = torch.searchsorted(self.r, eta, right=False)  # #{r < η}
+            flat = (n - k).to(eta.dtype)
+        log_mass = torch.logaddexp(flat.log(), self.lse[k] - eta / self.c) - math.log(n)
+        return eta + self.lam * log_mass
+
+    def right_stationary_point(self, lo: Tensor, hi: Tensor) -> Tensor:
+        """Minimiser of F_R on the piece [lo, hi] between consecutive distinct rewards.
+
+        F_R'(η) = 0 ⇔ e^{−η/c}·Σ_{r>η} e^{r/c} = β·#{r ≤ η}/(1 − β); clamped to the piece
+        (F_R is convex there, so the clamp is the piece's minimiser).
+        """
+        k = torch.searchsorted(self.r, lo, right=True)  # #{r ≤ η} on the piece, ≥ 1
+        # β = 1 gives log 0 = −inf and the left end, as it should (F_R is flat below min r).
+        log_ratio = math.log1p(-self.beta) - math.log(self.beta) if self.beta < 1 else -math.inf
+        eta = self.c * (self.lse[k] - k.to(lo.dtype).log() + log_ratio)
+        return torch.minimum(torch.maximum(eta, lo), hi)
+
+
+def solve_threshold(rewards: Tensor, level: float, lam: float, tail: str) -> ThresholdSolution:
+    """Stage 1 of TFFT: the threshold η* of the KL-regularised CVaR dual, solved globally.
+
+    right: η* = argmin_η F_R(η),  left: η* = argmax_η F_L(η),  with
+    F(η) = η + λ·log E exp(g_η(r)/λ), g_η(r) = (r − η)₊/β or −(η − r)₊/β (module docstring).
+
+    Exact for the empirical law of ``rewards`` (candidate enumeration, float64). When F is
+    flat at the optimum (β = 1: any η ≤ min r for the right tail, η ≥ max r for the left),
+    the end point min r / max r is returned.
+
+    Caveat: the empirical η* always lies in [min r, max r] of the batch, and the batch
+    estimates log E exp(g/λ) well only if it covers the tilted law p* ∝ p_base·exp(g/λ),
+    roughly KL(p*‖p_base) ≪ log n. Aggressive settings break this for unbounded rewards:
+    right tail, r ~ N(0, 1): η* ≈ 1/(2βλ) (25 for β = 0.1, λ = 0.2, far beyond any batch);
+    left tail with small λ: p* keeps only {r ≳ η*} with base mass e^{−KL} (η* ≈ 5 for
+    λ = 0.2), and the empirical maximum is biased upward.
+
+    rewards: (n,) rewards of base samples (no grad needed).
+    """
+    r = _check_rewards(rewards).detach().to("cpu", torch.float64)
+    beta, lam = _check_level(level), _check_lam(lam)
+    _check_tail(tail)
+    # F(η; r + s) = F(η − s; r) + s: centre the rewards so r/(βλ) stays small in magnitude.
+    centre = 0.5 * (r.max() + r.min())
+    r_sorted, _ = torch.sort(r - centre)
+    u = torch.unique_consecutive(r_sorted)  # the kinks of F, ascending
+    dual = _SortedDual(r_sorted, beta, lam, tail)
+    values = dual(u)
+    if tail == "left":
+        eta = u[values.argmax()]  # F_L is convex between kinks: its maximum is at a kink
+    else:
+        # F_R is convex: its minimum lies on one of the two pieces next to the best kink.
+        j = int(values.argmin())
+        i0, i1 = max(j - 1, 0), min(j + 1, u.numel() - 1)
+        lo, hi = u[i0:i1], u[i0 + 1 : i1 + 1]  # pieces [u_i, u_{i+1}], i0 ≤ i < i1
+        candidates = torch.cat([u[j : j + 1], dual.right_stationary_point(lo, hi)])
+        eta = candidates[dual(candidates).argmin()]
+    # Final value by direct evaluation (differences r − η, no cancellation of large terms).
+    value = _dual(r - centre, eta, beta, lam, tail) + centre
+    return ThresholdSolution(
+        eta=float(eta + centre), value=float(value), n=r.numel(), tail=tail, level=beta, lam=lam
+    )
+
+
+# --------------------------------------------------------------------------- objectives
+
+
+def _empirical_cvar(r: Tensor, level: float, tail: str) -> float:
+    """Exact CVaR of the empirical law of r: (n,): the mean of its top (right) or bottom
+    (left) β fraction, the boundary sample counted with its fractional weight, i.e.
+    CVaR_β = (1/β)·∫ of the quantile function over the tail of length β."""
+    x = r.detach().to("cpu", torch.float64)
+    x, _ = torch.sort(x, descending=(tail == "right"))
+    n = x.numel()
+    k = level * n  # tail mass in units of samples
+    m = min(int(math.floor(k)), n)
+    total = x[:m].sum()
+    if m < n:
+        total = total + (k - m) * x[m]
+    return float(total / k)
+
+
+class ExpectedReward:
+    """E_p[r]: the tilt is p* ∝ p_base·exp(r/λ), so the pseudo-reward is r itself."""
+
+    name = "expected_reward"
+
+    def __init__(self, reward: Reward):
+        if not callable(reward):
+            raise ValueError(f"reward must be callable, got {type(reward).__name__}")
+        self.reward = reward
+
+    def pseudo_reward(self, x_offline: Tensor | None, lam: float, cond: Any = None) -> Reward:
+        """Returns the reward itself (x_offline is not needed; accepted for a common API)."""
+        _check_lam(lam)
+        return self.reward
+
+    def value(self, x: Tensor, cond: Any = None) -> float:
+        """Mean reward over x: (batch, *dims)."""
+        with torch.no_grad():
+            return float(_rewards_of(self.reward, x, cond).double().mean())
+
+    def __repr__(self) -> str:
+        return f"ExpectedReward({self.reward!r})"
+
+
+class CVaR:
+    """Right- or left-tail CVaR of the reward at tail mass β = ``level`` (TFFT).
+
+    ``pseudo_reward`` runs stage 1 on offline base samples and returns g_η* (stored solution
+    in ``self.solution``); ``pseudo_reward_at(eta)`` builds g_η for any η (for stage-2
+    variants that move η). ``smoothing = τ`` applies only to the stage-2 pseudo-reward;
+    stage 1 always solves the exact hinge dual.
+    """
+
+    def __init__(self, reward: Reward, level: float, tail: str = "right", smoothing: float = 0.0):
+        if not callable(reward):
+            raise ValueError(f"reward must be callable, got {type(reward).__name__}")
+        self.reward = reward
+        self.level = _check_level(level)
+        self.tail = _check_tail(tail)
+        self.smoothing = _check_smoothing(smoothing)
+        self.solution: ThresholdSolution | None = None
+
+    @property
+    def name(self) -> str:
+        return f"cvar_{self.tail}_{self.level:g}"
+
+    def pseudo_reward(self, x_offline: Tensor, lam: float, cond: Any = None) -> CVaRPseudoReward:
+        """Stage 1 on x_offline: (n, *dims) base samples; returns g_η*(r(x)) (stage 2)."""
+        lam = _check_lam(lam)
+        with torch.no_grad():
+            r = _rewards_of(self.reward, x_offline, cond)
+        self.solution = solve_threshold(r, self.level, lam, self.tail)
+        return self.pseudo_reward_at(self.solution.eta)
+
+    def pseudo_reward_at(self, eta: float) -> CVaRPseudoReward:
+        """g_η(r(x)) for a given threshold η."""
+        return CVaRPseudoReward(
+            self.reward, _check_eta(eta), self.level, self.tail, self.smoothing
+        )
+
+    def value(self, x: Tensor, cond: Any = None) -> float:
+        """Empirical CVaR_β of r over x: (batch, *dims) — mean of the top/bottom β fraction."""
+        with torch.no_grad():
+            r = _rewards_of(self.reward, x, cond)
+        return _empirical_cvar(r, self.level, self.tail)
+
+    def __repr__(self) -> str:
+        return (
+            f"CVaR({self.reward!r}, level={self.level:g}, tail={self.tail!r}, "
+            f"smoothing={self.smoothing:g})"
+        )
