@@ -51,6 +51,7 @@ from torch.nn.functional import softplus
 __all__ = [
     "CVaR",
     "CVaRPseudoReward",
+    "TrackedCVaRPseudoReward",
     "ExpectedReward",
     "ThresholdSolution",
     "cvar_pseudo_reward",
@@ -177,6 +178,34 @@ class CVaRPseudoReward:
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
         r = _call_reward(self.reward, x, cond)
         return cvar_pseudo_reward(r, self.eta, self.level, self.tail, self.smoothing)
+
+
+class TrackedCVaRPseudoReward:
+    """g_{η_k}(r(x)) with η_k = min(η*, q_k), q_k the tail quantile of the batch it is called on.
+
+    Stage 2 with a fixed η* stalls on the right tail when few base samples reach η* (the
+    gradient 1[r > η*]/β is zero almost everywhere and the regression pulls the control back
+    to zero — measured in ../shared/research/algorithms.md §3). Tracking keeps about a fraction
+    β of each rollout batch active: q_k is the (1 − β)-quantile (right) or β-quantile (left) of
+    the current model's rewards. It does not change the target: at the optimum exactly a
+    fraction β of the tilted mass lies beyond η* (the first-order condition of F), so η* is the
+    only fixed point of η = min(η*, q(p_η)), and the cap means η never passes it.
+    Called once per iteration on the rollout's end points; the current η_k is in ``self.eta``.
+    """
+
+    def __init__(self, reward: Reward, eta_star: float, level: float, tail: str, smoothing: float = 0.0):
+        self.reward, self.eta_star = reward, _check_eta(eta_star)
+        self.level, self.tail, self.smoothing = _check_level(level), _check_tail(tail), _check_smoothing(smoothing)
+        self.eta = self.eta_star
+
+    def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
+        r = _call_reward(self.reward, x, cond)
+        q = torch.quantile(r.detach().double(), 1.0 - self.level if self.tail == "right" else self.level)
+        self.eta = min(self.eta_star, float(q))
+        return cvar_pseudo_reward(r, self.eta, self.level, self.tail, self.smoothing)
+
+    def __repr__(self) -> str:
+        return f"TrackedCVaRPseudoReward(eta_star={self.eta_star:.4g}, level={self.level:g}, tail={self.tail!r})"
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -332,6 +361,7 @@ class ExpectedReward:
     """E_p[r]: the tilt is p* ∝ p_base·exp(r/λ), so the pseudo-reward is r itself."""
 
     name = "expected_reward"
+    needs_offline = False  # finetune skips drawing the offline batch
 
     def __init__(self, reward: Reward):
         if not callable(reward):
@@ -361,13 +391,17 @@ class CVaR:
     stage 1 always solves the exact hinge dual.
     """
 
-    def __init__(self, reward: Reward, level: float, tail: str = "right", smoothing: float = 0.0):
+    def __init__(self, reward: Reward, level: float, tail: str = "right", smoothing: float = 0.0,
+                 track: bool | None = None):
         if not callable(reward):
             raise ValueError(f"reward must be callable, got {type(reward).__name__}")
         self.reward = reward
         self.level = _check_level(level)
         self.tail = _check_tail(tail)
         self.smoothing = _check_smoothing(smoothing)
+        # Quantile tracking in stage 2 (TrackedCVaRPseudoReward): on by default for the right
+        # tail, where a fixed η* far out stalls; the left tail converges with η* fixed.
+        self.track = (self.tail == "right") if track is None else bool(track)
         self.solution: ThresholdSolution | None = None
 
     @property
@@ -380,6 +414,8 @@ class CVaR:
         with torch.no_grad():
             r = _rewards_of(self.reward, x_offline, cond)
         self.solution = solve_threshold(r, self.level, lam, self.tail)
+        if self.track:
+            return TrackedCVaRPseudoReward(self.reward, self.solution.eta, self.level, self.tail, self.smoothing)
         return self.pseudo_reward_at(self.solution.eta)
 
     def pseudo_reward_at(self, eta: float) -> CVaRPseudoReward:
@@ -397,5 +433,5 @@ class CVaR:
     def __repr__(self) -> str:
         return (
             f"CVaR({self.reward!r}, level={self.level:g}, tail={self.tail!r}, "
-            f"smoothing={self.smoothing:g})"
+            f"smoothing={self.smoothing:g}, track={self.track})"
         )

@@ -60,7 +60,7 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"init must be 'auto', 'copy' or 'residual', got {cfg.init!r}")
 
 
-def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(128, 128)) -> FlowModel:
+def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(128, 128), seed: int = 0) -> FlowModel:
     """The model to train: a copy of the base, or base (frozen) + zero-initialised residual MLP.
 
     Both start exactly equal to the base. "auto" picks "residual" when the base has no trainable
@@ -72,7 +72,10 @@ def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(12
     if init == "residual":
         if len(base.shape) != 1:
             raise ValueError("init='residual' builds an MLP and needs vector data; use init='copy'")
-        net = ResidualVelocity(net, MLPVelocity(base.shape[0], tuple(residual_hidden), zero_init=True))
+        with torch.random.fork_rng(devices=[]):  # the residual's init depends on `seed` only
+            torch.manual_seed(seed)
+            res = MLPVelocity(base.shape[0], tuple(residual_hidden), zero_init=True)
+        net = ResidualVelocity(net, res)
     else:
         net.requires_grad_(True)
     return FlowModel(net, base.path, base.shape).to(base.device)
@@ -104,7 +107,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     device = torch.device(cfg.device)
     base = model.copy().to(device).eval()
     base.requires_grad_(False)
-    ft = make_finetune_model(base, cfg.init, cfg.residual_hidden)
+    ft = make_finetune_model(base, cfg.init, cfg.residual_hidden, cfg.seed)
     params = [p for n, p in ft.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
     if not params:
         raise ValueError("no trainable parameters (check `trainable` and `init`)")
@@ -113,8 +116,12 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     grid = integrators.time_grid(cfg.steps, device=device)
 
     # Stage 1 of the objective (e.g. the CVaR threshold) on an offline batch of base samples.
-    x_off = base.sample(cfg.n_offline, steps=cfg.steps, sde=True, cond=cond, generator=gen)
-    reward = objective.pseudo_reward(x_off, cfg.lam)
+    t_stage1 = time.perf_counter()
+    x_off = None
+    if getattr(objective, "needs_offline", True):
+        x_off = base.sample(cfg.n_offline, steps=cfg.steps, sde=True, cond=cond, generator=gen)
+    reward = objective.pseudo_reward(x_off, cfg.lam, cond)
+    t_stage1 = time.perf_counter() - t_stage1
     raw_reward = getattr(objective, "reward", reward)
     stage1 = getattr(objective, "solution", None)
 
@@ -161,6 +168,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         record = {"iter": it + 1, "loss": float(loss.detach()), "grad_norm": gnorm, "kl": kl,
                   **{f"reward_{k}": v for k, v in reward_summary(r.float()).items()},
                   "pseudo_reward_mean": float(g_val.mean()),
+                  **({"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
                   "diversity": mean_pairwise_distance(ro.xs[-1][:256]),
                   "time_rollout": t1 - t0, "time_adjoint": t2 - t1, "time_loss": t3 - t2}
         bar.set_postfix(loss=f"{record['loss']:.3g}", r=f"{record['reward_mean']:.3g}", kl=f"{kl:.3g}")
@@ -174,5 +182,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     ft.requires_grad_(False)
     if run is not None:
         ft.save(run / "model.safetensors")
-        ckpt.write_json(run / "metrics.json", {"final": record, "stage1": asdict(stage1) if stage1 is not None and hasattr(stage1, "__dataclass_fields__") else None})
+        ckpt.write_json(run / "metrics.json", {
+            "final": record, "time_stage1": t_stage1,
+            "stage1": asdict(stage1) if stage1 is not None and hasattr(stage1, "__dataclass_fields__") else None})
     return ft

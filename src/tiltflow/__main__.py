@@ -1,0 +1,8 @@
+"""`python -m tiltflow`: the tiltflow command line (see tiltflow.cli)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

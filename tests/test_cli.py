@@ -1,0 +1,147 @@
+"""The tiltflow command: `demo --fast` end to end, the other subcommands on its run folders, flags
+that map one to one onto the config dataclasses, and user errors that exit with code 2."""
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import asdict, fields
+
+import numpy as np
+import pytest
+import torch
+
+from tiltflow import cli, rewards, toy2d
+from tiltflow.methods.finetune import FinetuneConfig
+from tiltflow.methods.pretrain import PretrainConfig
+
+RUNS = ("expected", "cvar-left", "cvar-right")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """One `tiltflow demo --fast` (about 20 s on one thread), shared by the tests below."""
+    out = tmp_path_factory.mktemp("demo")
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["demo", "--fast", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_demo_fast_writes_runs_plots_and_a_finite_summary(demo):
+    expected_files = ["config.json", "summary.json"]
+    if _has_matplotlib():
+        expected_files += ["samples.png", "reward_hist.png", "pre/samples.png"]
+        expected_files += [f"{r}/{f}" for r in RUNS for f in ("before_after.png", "training.png", "reward_hist.png")]
+    expected_files += [f"{r}/{f}" for r in ("pre", *RUNS) for f in ("model.safetensors", "metrics.json",
+                                                                     "config.json", "log.jsonl")]
+    expected_files += ["cvar-left/stage1.json", "cvar-right/stage1.json"]
+    for f in expected_files:
+        assert (demo / f).is_file() and (demo / f).stat().st_size > 0, f
+
+    summary = json.loads((demo / "summary.json").read_text())
+    assert summary["config"]["pretrain_steps"] == cli.FAST["pretrain_steps"]
+    assert set(summary["models"]) == {"base", *RUNS}
+    for name, stats in summary["models"].items():
+        for key in ("reward_mean", "reward_cvar_left_10", "reward_cvar_right_10", "kl", "diversity"):
+            assert math.isfinite(stats[key]), (name, key)
+        # the mean of a sample lies between the means of its bottom and top 10 %
+        assert stats["reward_cvar_left_10"] <= stats["reward_mean"] <= stats["reward_cvar_right_10"]
+    assert summary["models"]["base"]["kl"] == 0.0
+    for key in ("energy_distance_finetuned", "energy_distance_base", "kl"):
+        assert math.isfinite(summary["exact_tilt"][key])
+    metrics = json.loads((demo / "expected" / "metrics.json").read_text())
+    assert {"base", "finetuned", "config"} <= set(metrics["evaluation"])
+
+
+def test_exact_tilt_kl_matches_monte_carlo():
+    # KL(p*‖p) = E_p*[r]/λ − log E_p e^{r/λ} (closed form) vs E_p*[log p* − log p] on 200k samples;
+    # the Monte Carlo standard error is about std(log p* − log p)/√n ≈ 0.003, so 0.02 is ~6 s.e.
+    task, reward, lam = toy2d.get_task("mixture"), rewards.get_reward("linear"), 1.0
+    tilt = task.tilt_linear(reward.a, lam)
+    y = tilt.sample(200_000, generator=torch.Generator().manual_seed(0)).double()
+    mc = float((tilt.log_prob(y) - task.log_prob(y)).mean())
+    assert cli._exact_tilt_kl(task, reward, lam) == pytest.approx(mc, abs=0.02)
+
+
+def test_sample_writes_npy_and_safetensors_of_the_right_shape(demo, tmp_path, capsys):
+    npy = tmp_path / "x.npy"
+    assert cli.main(["sample", "--run", str(demo / "pre"), "--n", "37", "--steps", "5", "--out", str(npy)]) == 0
+    x = np.load(npy, allow_pickle=False)
+    assert x.shape == (37, 2) and np.isfinite(x).all()
+
+    from safetensors.torch import load_file
+    st = tmp_path / "x.safetensors"
+    assert cli.main(["sample", "--run", str(demo / "expected"), "--n", "11", "--steps", "5", "--sde",
+                     "--out", str(st)]) == 0
+    assert load_file(str(st))["samples"].shape == (11, 2)
+
+    assert cli.main(["sample", "--run", str(demo / "pre"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "x.pt" in capsys.readouterr().err
+
+
+def test_evaluate_writes_json_with_distances_and_likelihood(demo, tmp_path):
+    out = tmp_path / "ev.json"
+    assert cli.main(["evaluate", "--run", str(demo / "pre"), "--reward", "linear", "--n", "300", "--steps", "10",
+                     "--n-loglik", "50", "--out", str(out)]) == 0
+    ev = json.loads(out.read_text())
+    assert ev["task"] == "mixture"   # read from the run folder
+    for key in ("energy_distance_to_data", "reward_mean", "data_log_likelihood", "kl_data_model", "diversity"):
+        assert math.isfinite(ev[key]), key
+
+
+@pytest.mark.parametrize("argv, bad", [
+    (["pretrain", "--task", "nosuchtask", "--steps", "1"], "nosuchtask"),
+    (["finetune", "--run", "{pre}", "--reward", "nosuchreward", "--iters", "1"], "nosuchreward"),
+    (["finetune", "--run", "{missing}", "--iters", "1"], "missing-run"),
+    (["finetune", "--run", "{empty}", "--iters", "1"], "model.safetensors"),
+    (["sample", "--run", "{missing}", "--out", "{tmp}/x.npy"], "missing-run"),
+    (["evaluate", "--run", "{pre}", "--task", "nosuchtask"], "nosuchtask"),
+    (["finetune", "--run", "{pre}", "--objective", "cvar", "--level", "1.5", "--iters", "1"], "1.5"),
+])
+def test_user_errors_exit_2_with_a_one_line_message(demo, tmp_path, capsys, argv, bad):
+    (tmp_path / "empty").mkdir()
+    paths = {"pre": demo / "pre", "missing": tmp_path / "missing-run", "empty": tmp_path / "empty", "tmp": tmp_path}
+    argv = [a.format(**paths) for a in argv] + ["--no-progress"]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert bad in err and "Traceback" not in err and err.strip().count("\n") == 0
+
+
+def test_flags_map_one_to_one_onto_the_config_dataclasses():
+    p = cli.build_parser()
+    args = p.parse_args(["pretrain"])
+    assert cli._config_from(args, PretrainConfig) == asdict(PretrainConfig())
+    args = p.parse_args(["finetune", "--run", "r", "--n-loss-times", "8", "--residual-hidden", "16,16"])
+    assert cli._config_from(args, FinetuneConfig) == asdict(FinetuneConfig(n_loss_times=8, residual_hidden=(16, 16)))
+    args = p.parse_args(["demo", "--iters", "7"])
+    assert args.iters == 7 and all(getattr(args, f.name) is None for f in fields(cli.DemoConfig) if f.name != "iters")
+
+
+def test_pretrain_resume_continues_to_more_steps(tmp_path):
+    out = str(tmp_path / "pre")
+    base = ["pretrain", "--task", "gaussian", "--hidden", "16,16", "--batch-size", "32", "--checkpoint-every", "10",
+            "--out", out, "--no-progress"]
+    assert cli.main(base + ["--steps", "20"]) == 0
+    assert cli.main(base + ["--steps", "30", "--resume"]) == 0
+    assert json.loads((tmp_path / "pre" / "metrics.json").read_text())["steps"] == 30
+    assert (tmp_path / "pre" / "checkpoints" / "step_00000030.json").is_file()
+
+
+def test_python_dash_m_tiltflow_runs_the_cli():
+    res = subprocess.run([sys.executable, "-m", "tiltflow", "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0
+    for cmd in ("pretrain", "finetune", "sample", "evaluate", "demo"):
+        assert cmd in res.stdout
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
