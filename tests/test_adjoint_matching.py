@@ -92,12 +92,17 @@ def test_gaussian_quadratic_tilt():
 
 def test_mixture_linear_tilt_reweights_components():
     """Two modes at x₁ = ∓1.5 (std 0.5), equal weights, a = (0.5, 0), λ = 1: the right mode's
-    weight becomes e^{1.5}/(1 + e^{1.5}) = 0.818 and each mode moves by Σa = 0.125."""
+    weight becomes e^{1.5}/(1 + e^{1.5}) = 0.818 and each mode moves by Σa = 0.125.
+
+    Moving mass between modes is the slow part of the solve: the decision is taken at small t,
+    where the loss weight 4/σ² ≈ 2t is small. Measured (right weight / right mean / left mean):
+    250 iterations 0.78 / 1.70 / −1.10, 1000 iterations 0.80 / 1.66 / −1.36 (exact 0.82 / 1.625
+    / −1.375). A shift-only tilt keeps the weight at 0.5 and a sign error sends it to 0.18."""
     mix = GaussianMixture.isotropic([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [0.5, 0.5])
     base = FlowModel(GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
     a = torch.tensor([0.5, 0.0])
     exact = mix.tilt_linear(a, 1.0)
-    ft = finetune(base, Linear(a), lam=1.0, iters=250, **FAST)
+    ft = finetune(base, Linear(a), lam=1.0, iters=1000, **FAST)
     x = ft.sample(20000, steps=50, seed=1)
     right = x[:, 0] > 0
     assert right.float().mean().item() == pytest.approx(float(exact.weights[1]), abs=0.04)
@@ -113,11 +118,17 @@ def test_vp_diffusion_base_linear_tilt():
 
 
 def test_large_lambda_and_constant_reward_leave_the_model_unchanged():
+    """A constant reward has ã ≡ 0 and Δv = 0 at the start, so the gradient is exactly zero and
+    nothing moves. λ = 1e5 shrinks the target shift to Σa/λ ≈ 6e-6, but Adam normalises the
+    gradient's scale, so 20 steps at lr 2e-3 still move the samples by ~2e-3 (measured); the
+    bound 1e-2 is < 2 % of the shift at λ = 1 (0.6), which a λ-independent update would reach."""
     base = gaussian_base()
     ref = base.sample(4000, steps=30, seed=5)
-    for reward, lam in ((Linear(A_LIN), 1e5), (lambda x: 0.0 * x.sum(1) + 3.0, 1.0)):
+    for reward, lam, tol in ((Linear(A_LIN), 1e5, 1e-2), (lambda x: 0.0 * x.sum(1) + 3.0, 1.0, 1e-6)):
         ft = finetune(base, reward, lam=lam, iters=20, **FAST)
-        assert (ft.sample(4000, steps=30, seed=5) - ref).abs().max() < 2e-3
+        assert (ft.sample(4000, steps=30, seed=5) - ref).abs().max() < tol
+    moved = finetune(base, Linear(A_LIN), lam=1.0, iters=20, **FAST)
+    assert (moved.sample(4000, steps=30, seed=5) - ref).mean(0).norm() > 0.1  # the same 20 steps at λ = 1 do move
 
 
 def test_base_is_left_untouched_and_learned_base_moves_by_the_predicted_amount():

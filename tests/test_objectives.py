@@ -15,12 +15,13 @@ import pytest
 import torch
 from scipy import integrate, optimize, special, stats
 
+from tiltflow.metrics import cvar as metrics_cvar
 from tiltflow.objectives import (
     CVaR,
     CVaRPseudoReward,
+    TrackedCVaRPseudoReward,
     ExpectedReward,
     ThresholdSolution,
-    _empirical_cvar,
     cvar_pseudo_reward,
     solve_threshold,
     threshold_dual,
@@ -209,7 +210,7 @@ def test_large_lambda_gives_var_and_cvar(samples, tail):
     r = samples["normal"]
     sol = solve_threshold(torch.from_numpy(r), beta, lam, tail)
     q = np.quantile(r, 1 - beta if tail == "right" else beta)
-    cvar = _empirical_cvar(torch.from_numpy(r), beta, tail)
+    cvar = metrics_cvar(torch.from_numpy(r), beta, tail)
     # F − CVaR ≈ Var_base(g)/(2λ) ≈ 1e-3 here; η*: the RU minimiser is flat to O(1/λ).
     assert sol.value == pytest.approx(cvar, abs=3e-3)
     assert sol.eta == pytest.approx(q, abs=0.02)
@@ -408,11 +409,13 @@ def test_cvar_pseudo_reward_runs_stage_one():
     gen = torch.Generator().manual_seed(0)
     x_off = torch.randn(4000, 2, generator=gen, dtype=torch.float64)
     for tail in ["right", "left"]:
-        obj = CVaR(linear_reward, 0.2, tail)
+        obj = CVaR(linear_reward, 0.2, tail, track=False)
         g = obj.pseudo_reward(x_off, lam=2.0)
         ref = solve_threshold(x_off @ A, 0.2, 2.0, tail)
         assert obj.solution == ref
         assert isinstance(g, CVaRPseudoReward) and g.eta == ref.eta
+        tracked = CVaR(linear_reward, 0.2, tail).pseudo_reward(x_off, lam=2.0)   # default: track right only
+        assert isinstance(tracked, TrackedCVaRPseudoReward) == (tail == "right") and tracked.eta == ref.eta
         x = torch.randn(7, 2, generator=gen, dtype=torch.float64, requires_grad=True)
         torch.testing.assert_close(g(x), cvar_pseudo_reward(x @ A, ref.eta, 0.2, tail))
         assert g(x).requires_grad
@@ -436,9 +439,9 @@ def test_empirical_cvar_is_rockafellar_uryasev():
     for beta in [0.05, 0.3, 0.77, 1.0]:
         right = (grid[:, 0] + torch.relu(r[None, :] - grid).mean(1) / beta).min().item()
         left = (grid[:, 0] - torch.relu(grid - r[None, :]).mean(1) / beta).max().item()
-        assert _empirical_cvar(r, beta, "right") == pytest.approx(right, abs=1e-12)
-        assert _empirical_cvar(r, beta, "left") == pytest.approx(left, abs=1e-12)
-    assert _empirical_cvar(r, 1.0, "left") == pytest.approx(r.mean().item(), abs=1e-12)
+        assert metrics_cvar(r, beta, "right") == pytest.approx(right, abs=1e-12)
+        assert metrics_cvar(r, beta, "left") == pytest.approx(left, abs=1e-12)
+    assert metrics_cvar(r, 1.0, "left") == pytest.approx(r.mean().item(), abs=1e-12)
 
 
 def test_cvar_value_of_a_gaussian():

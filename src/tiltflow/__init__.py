@@ -8,6 +8,7 @@
 
 from . import integrators, metrics, paths, rewards, tasks
 from .methods.finetune import FinetuneConfig, finetune
+from .methods.gft import GFTConfig, gradual_finetune
 from .methods.pretrain import PretrainConfig, pretrain
 from .models import FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity
 from .objectives import CVaR, ExpectedReward, solve_threshold
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FlowModel", "MLPVelocity", "GaussianMixtureVelocity", "ResidualVelocity",
     "pretrain", "PretrainConfig", "finetune", "FinetuneConfig",
+    "gradual_finetune", "GFTConfig",
     "ExpectedReward", "CVaR", "solve_threshold",
     "paths", "integrators", "metrics", "rewards", "tasks", "toy2d",
 ]

@@ -1,9 +1,9 @@
-"""The `tiltflow` command: pretrain | finetune | sample | evaluate | demo.
+"""The `tiltflow` command: pretrain | finetune | gft | sample | evaluate | demo.
 
 Each training command writes a run folder (config.json, log.jsonl, metrics.json,
 model.safetensors, checkpoints/, plots) and can be resumed with --resume. The flags of
-`pretrain`, `finetune` and `demo` map one to one onto the fields of PretrainConfig,
-FinetuneConfig and DemoConfig. User errors (a missing run folder or model file, an unknown
+`pretrain`, `finetune`, `gft` and `demo` map one to one onto the fields of PretrainConfig,
+FinetuneConfig, GFTConfig and DemoConfig. User errors (a missing run folder or model file, an unknown
 name, an invalid setting) print one line and exit with code 2.
 """
 
@@ -23,6 +23,8 @@ import torch
 from . import checkpoint as ckpt
 from . import rewards as rewards_mod
 from .methods.finetune import FinetuneConfig, finetune
+from .methods import gft as gft_mod
+from .methods.gft import GFTConfig, gradual_finetune
 from .methods.pretrain import PretrainConfig, pretrain
 from .metrics import energy_distance, mean_pairwise_distance, reward_summary
 from .models.flow_model import FlowModel
@@ -334,6 +336,66 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+# --- gft -------------------------------------------------------------------------------------
+
+def _load_samples(path) -> torch.Tensor:
+    """Samples (n, d) from a .npy file or a .safetensors file (key "samples", or its only tensor)."""
+    path = Path(path)
+    if path.suffix not in (".npy", ".safetensors"):
+        raise ValueError(f"--target must be a .npy or .safetensors file (no pickle formats), got {str(path)!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no target file {str(path)!r}")
+    if path.suffix == ".npy":
+        import numpy as np
+        return torch.as_tensor(np.load(path, allow_pickle=False))
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    if "samples" in tensors:
+        return tensors["samples"]
+    if len(tensors) != 1:
+        raise ValueError(f"{path} holds tensors {sorted(tensors)}; name the samples 'samples'")
+    return next(iter(tensors.values()))
+
+
+def _schedule(text: str):
+    """A schedule name, or comma-separated temperatures such as 1,0.1,0."""
+    if text in gft_mod.SCHEDULES:
+        return text
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--schedule must be one of {', '.join(gft_mod.SCHEDULES)} or comma-separated "
+                         f"temperatures like 1,0.1,0; got {text!r}") from None
+
+
+def cmd_gft(args) -> int:
+    cfg = _config_from(args, GFTConfig)
+    cfg["schedule"] = _schedule(cfg["schedule"])
+    base = _load_model(args.run, cfg["device"])
+    target = _load_samples(args.target)
+    progress = not args.no_progress
+    if not progress:
+        _print_config("gft", GFTConfig(**cfg))
+    ft = gradual_finetune(base, target, out=args.out, progress=progress, resume=args.resume, **cfg)
+    out = Path(args.out)
+    ckpt.write_json(out / RUN_INFO, {"command": "gft", "base_run": str(args.run), "target": str(args.target),
+                                     "task": _run_info(args.run).get("task")})
+    metrics = json.loads((out / "metrics.json").read_text())
+    plots = _plots()
+    if plots is not None and len(ft.shape) == 1 and ft.shape[0] == 2:
+        seed = cfg["seed"] + EVAL_SEED_OFFSET
+        sde = cfg["flow"] == "stochastic"
+        plots.plot_samples(out / "samples.png",
+                           {"pretrained": base.sample(2000, steps=50, sde=sde, seed=seed),
+                            "target samples": target[:2000].float(),
+                            "GFT": ft.sample(2000, steps=50, sde=sde, seed=seed)},
+                           title=f"gradual fine-tuning ({cfg['variant']}, {cfg['coupling']} coupling)")
+    print(f"energy distance to the target samples: GFT {metrics['energy_distance']:.4f}, "
+          f"pretrained {metrics['energy_distance_pretrained']:.4f}; straightness {metrics['straightness']:.4f}")
+    print(f"wrote {args.out}/: model.safetensors, metrics.json, log.jsonl" + (", samples.png" if plots else ""))
+    return 0
+
+
 # --- sample ----------------------------------------------------------------------------------
 
 def cmd_sample(args) -> int:
@@ -505,6 +567,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     _progress_flags(s)
     s.set_defaults(func=cmd_finetune)
+
+    s = sub.add_parser("gft", help="gradual fine-tuning of a run's model toward target samples",
+                       description="Adapt the model of --run to the samples in --target by Gradual Fine-Tuning "
+                                   "(a cooling schedule of objectives from the pretrained to the target velocity); "
+                                   "writes a run folder with metrics.json and samples.png.")
+    s.add_argument("--run", required=True, help="run folder holding model.safetensors (e.g. runs/pre)")
+    s.add_argument("--target", required=True, help="target samples (n, d): .npy or .safetensors")
+    _add_config_flags(s, GFTConfig, skip=("schedule",))
+    s.add_argument("--schedule", default="geometric",
+                   help="geometric, linear, cosine, or comma-separated temperatures such as 1,0.1,0 "
+                        "(0 alone: standard fine-tuning) (default: geometric)")
+    s.add_argument("--out", default="runs/gft", help="run folder (default: runs/gft)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _progress_flags(s)
+    s.set_defaults(func=cmd_gft)
 
     s = sub.add_parser("sample", help="draw samples from a run's model",
                        description="Draw samples from the model of --run and save them as .npy or .safetensors.")

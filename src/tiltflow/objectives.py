@@ -48,6 +48,8 @@ import torch
 from torch import Tensor
 from torch.nn.functional import softplus
 
+from .metrics import cvar
+
 __all__ = [
     "CVaR",
     "CVaRPseudoReward",
@@ -342,21 +344,6 @@ def solve_threshold(rewards: Tensor, level: float, lam: float, tail: str) -> Thr
 # --------------------------------------------------------------------------- objectives
 
 
-def _empirical_cvar(r: Tensor, level: float, tail: str) -> float:
-    """Exact CVaR of the empirical law of r: (n,): the mean of its top (right) or bottom
-    (left) β fraction, the boundary sample counted with its fractional weight, i.e.
-    CVaR_β = (1/β)·∫ of the quantile function over the tail of length β."""
-    x = r.detach().to("cpu", torch.float64)
-    x, _ = torch.sort(x, descending=(tail == "right"))
-    n = x.numel()
-    k = level * n  # tail mass in units of samples
-    m = min(int(math.floor(k)), n)
-    total = x[:m].sum()
-    if m < n:
-        total = total + (k - m) * x[m]
-    return float(total / k)
-
-
 class ExpectedReward:
     """E_p[r]: the tilt is p* ∝ p_base·exp(r/λ), so the pseudo-reward is r itself."""
 
@@ -428,7 +415,7 @@ class CVaR:
         """Empirical CVaR_β of r over x: (batch, *dims) — mean of the top/bottom β fraction."""
         with torch.no_grad():
             r = _rewards_of(self.reward, x, cond)
-        return _empirical_cvar(r, self.level, self.tail)
+        return cvar(r, self.level, self.tail)
 
     def __repr__(self) -> str:
         return (

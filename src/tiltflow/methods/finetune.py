@@ -35,12 +35,11 @@ class FinetuneConfig:
     lr: float = 1e-3                 # Adam learning rate
     n_loss_times: int | None = None  # times per trajectory in the loss (None: every interior time)
     grad_clip: float = 1.0           # clip the global gradient norm (AM paper uses clipping too)
-    init: str = "auto"               # "copy": train a copy of the base net; "residual": base + zero-init MLP
+    init: str = "auto"               # "copy": train a copy of the base net; "residual": base + zero-init MLP; "auto": residual for vectors
     residual_hidden: tuple = (128, 128)
     scheme: str = "exponential"            # rollout and adjoint step (integrators.memoryless_step)
     n_offline: int = 4096            # base samples for the objective's stage 1 (CVaR threshold)
     checkpoint_every: int = 100
-    eval_every: int = 0              # >0: log ODE-sample diagnostics every k iterations
     seed: int = 0
     device: str = "cpu"
 
@@ -63,12 +62,13 @@ def _validate(cfg: FinetuneConfig):
 def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(128, 128), seed: int = 0) -> FlowModel:
     """The model to train: a copy of the base, or base (frozen) + zero-initialised residual MLP.
 
-    Both start exactly equal to the base. "auto" picks "residual" when the base has no trainable
-    parameters (closed-form velocities) and "copy" otherwise (as the paper fine-tunes all weights).
+    Both start exactly equal to the base. "auto" picks "residual" for vector data (the 2-D and
+    small MLP bases: the residual starts at exactly zero, and closed-form bases have no weights
+    to copy) and "copy" otherwise (images, particles: the paper fine-tunes all weights).
     """
     net = base.copy().net
     if init == "auto":
-        init = "copy" if any(p.requires_grad for p in net.parameters()) else "residual"
+        init = "residual" if len(base.shape) == 1 else "copy"
     if init == "residual":
         if len(base.shape) != 1:
             raise ValueError("init='residual' builds an MLP and needs vector data; use init='copy'")

@@ -1,0 +1,316 @@
+"""Tail-aware fine-tuning (TFFT) on the 2-D illustration: what does each objective do to the
+reward distribution, what does it cost next to expected-reward fine-tuning, and how sensitive is
+the stage-1 threshold η* to the size of the offline batch?
+
+Base: the exact flow of the `mixture` task (three Gaussians, weights 0.5/0.3/0.2 at (−2, 0),
+(1.5, 1.5), (1.5, −1.5), std 0.5; closed-form velocity, so only the method is under test).
+Reward r(x) = x₁ + 0.5·x₂, whose law under the base is a 1-D Gaussian mixture (component means
+−2, 2.25, 0.75, std 0.56). λ = 1, β = 0.1, as in `tiltflow demo`.
+
+1. Quality. Three fine-tunings (expected reward, right CVaR, left CVaR; Adjoint Matching, 400
+   iterations, batch 256, 50 steps, lr 2e-3), 10⁴ ODE samples each. A table of mean reward and
+   left/right CVaR at β ∈ {0.05, 0.1, 0.2} per model, next to the same numbers of each exact
+   optimal tilt, computed by quadrature on the reward's 1-D law: p*(r) ∝ p(r)·exp(g(r)/λ).
+2. Cost. The three runs are interleaved in chunks of 100 iterations (each chunk resumes its run
+   from its checkpoint), so load on the shared machine hits all three alike. Reported: median
+   iteration time of each CVaR run / that of the expected-reward run (target ≤ 1.03), and the
+   stage-1 time (offline batch of 4096 base samples + threshold solve) as a fraction of the run.
+3. Sensitivity. η* from offline batches of 10², 10³, 10⁴, 10⁵ exact base samples (20 batches
+   each), for both tails and β ∈ {0.05, 0.1, 0.2}: mean and spread of η*, the exact η* from
+   quadrature, and the regret J(η*) − J(η̂) of the objective J(η) = CVaR_β(p_η) − λ·KL(p_η‖p)
+   of the tilt built on η̂, by quadrature (how much of the objective a small batch loses).
+
+Writes results/tfft.json, results/tfft_samples.png (samples + reward histograms) and
+results/tfft_eta.png (η* spread vs batch size).
+
+    python benchmarks/tfft.py            # full (~5-8 min on one thread)
+    python benchmarks/tfft.py --quick    # smoke test (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import tiltflow as tilt  # noqa: E402
+from tiltflow.metrics import cvar  # noqa: E402
+from tiltflow.objectives import CVaR, ExpectedReward, cvar_pseudo_reward, solve_threshold  # noqa: E402
+
+NAME = "tfft"
+LEVELS = (0.05, 0.1, 0.2)
+
+
+@dataclass
+class Config:
+    lam: float = 1.0
+    level: float = 0.1
+    iters: int = 400
+    chunk: int = 100
+    batch_size: int = 256
+    steps: int = 50
+    lr: float = 2e-3
+    n_eval: int = 10_000
+    batch_sizes: tuple = (100, 1000, 10_000, 100_000)
+    repeats: int = 20
+    seed: int = 0
+
+
+def quick() -> Config:
+    return Config(iters=40, chunk=20, batch_size=128, steps=20, n_eval=2000,
+                  batch_sizes=(100, 1000, 10_000), repeats=5)
+
+
+# ----------------------------------------------------------------------------- the 1-D law
+
+class RewardLaw:
+    """The reward's law under the base, p(r) = Σ_k π_k N(r; a·μ_k, aᵀΣ_k a), on a fine grid;
+    tilts p_g(r) ∝ p(r)·exp(g(r)/λ) and their mean, CVaR and KL by the trapezoid rule."""
+
+    def __init__(self, mix, a: torch.Tensor, n: int = 400_001):
+        self.w = mix.weights.double().numpy()
+        self.m = (mix.means.double() @ a.double()).numpy()
+        self.s = torch.sqrt(torch.einsum("i,kij,j->k", a.double(), mix.covs.double(), a.double())).numpy()
+        # the upper end covers tilts of slope up to 1/(βλ) = 25: their mode sits s²·25 above the top mean
+        lo, hi = self.m.min() - 12 * self.s.max(), self.m.max() + 12 * self.s.max() + 25 * self.s.max() ** 2
+        self.r = np.linspace(lo, hi, n)
+        self.logp = np.log(sum(w * np.exp(-0.5 * ((self.r - m) / s) ** 2) / (s * np.sqrt(2 * np.pi))
+                               for w, m, s in zip(self.w, self.m, self.s)) + 1e-300)
+
+    def tilt(self, g: np.ndarray, lam: float):
+        """Density of p_g on the grid (normalised) and log Z = log E_p exp(g/λ)."""
+        lw = self.logp + g / lam
+        mx = lw.max()
+        z = np.trapezoid(np.exp(lw - mx), self.r)
+        return np.exp(lw - mx) / z, mx + np.log(z)
+
+    def stats(self, p: np.ndarray) -> dict:
+        """Mean and left/right CVaR at LEVELS of the law with density p on the grid."""
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (p[1:] + p[:-1]) * np.diff(self.r))])
+        cdf /= cdf[-1]
+        rp = self.r * p
+        cum = np.concatenate([[0.0], np.cumsum(0.5 * (rp[1:] + rp[:-1]) * np.diff(self.r))])
+        out = {"mean": float(cum[-1])}
+        for b in LEVELS:
+            ql, qr = np.interp(b, cdf, self.r), np.interp(1 - b, cdf, self.r)
+            out[f"cvar_left_{b:g}"] = float(np.interp(ql, self.r, cum) / b)
+            out[f"cvar_right_{b:g}"] = float((cum[-1] - np.interp(qr, self.r, cum)) / b)
+        return out
+
+    def g(self, eta: float, level: float, tail: str) -> np.ndarray:
+        return cvar_pseudo_reward(torch.from_numpy(self.r), eta, level, tail).numpy()
+
+    def exact_eta(self, level: float, lam: float, tail: str) -> float:
+        """argmin (right) / argmax (left) of F(η) = η + λ log E exp(g_η/λ): dense grid, then golden refinement."""
+        sign = 1.0 if tail == "right" else -1.0
+        F = lambda e: sign * (e + self.tilt(self.g(e, level, tail), lam)[1])  # noqa: E731
+        grid = np.linspace(self.m.min() - 3, self.m.max() + 3 + 3 / (level * lam), 241)
+        i = int(np.argmin([F(e) for e in grid]))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+        for _ in range(40):
+            c, d = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
+            if F(c) < F(d):
+                hi = d
+            else:
+                lo = c
+        return 0.5 * (lo + hi)
+
+    def objective(self, eta: float, level: float, lam: float, tail: str) -> float:
+        """J(η) = CVaR_β(p_η) − λ·KL(p_η ‖ p) of the tilt with pseudo-reward g_η."""
+        g = self.g(eta, level, tail)
+        p, logz = self.tilt(g, lam)
+        kl = np.trapezoid(p * (g / lam - logz), self.r)
+        return self.stats_level(p, level, tail) - lam * kl
+
+    def stats_level(self, p, level, tail) -> float:
+        cdf = np.concatenate([[0.0], np.cumsum(0.5 * (p[1:] + p[:-1]) * np.diff(self.r))])
+        cdf /= cdf[-1]
+        rp = self.r * p
+        cum = np.concatenate([[0.0], np.cumsum(0.5 * (rp[1:] + rp[:-1]) * np.diff(self.r))])
+        if tail == "left":
+            return float(np.interp(np.interp(level, cdf, self.r), self.r, cum) / level)
+        return float((cum[-1] - np.interp(np.interp(1 - level, cdf, self.r), self.r, cum)) / level)
+
+
+# ----------------------------------------------------------------------------- parts
+
+def sample_stats(r: torch.Tensor) -> dict:
+    out = {"mean": float(r.double().mean())}
+    for b in LEVELS:
+        out[f"cvar_left_{b:g}"] = cvar(r, b, "left")
+        out[f"cvar_right_{b:g}"] = cvar(r, b, "right")
+    return out
+
+
+def train_interleaved(base, objectives: dict, cfg: Config, root: Path) -> dict:
+    """Run every objective's finetune in chunks of cfg.chunk iterations, round robin, resuming."""
+    kw = dict(batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+              checkpoint_every=cfg.chunk, progress=False)
+    models, stage1_time = {}, {}
+    for done in range(cfg.chunk, cfg.iters + cfg.chunk, cfg.chunk):
+        done = min(done, cfg.iters)
+        for name, obj in objectives.items():
+            t0 = time.perf_counter()
+            models[name] = tilt.finetune(base, obj, lam=cfg.lam, iters=done, out=root / name,
+                                         resume=done > cfg.chunk, **kw)
+            if done == min(cfg.chunk, cfg.iters):
+                stage1_time[name] = json.loads((root / name / "metrics.json").read_text())["time_stage1"]
+            print(f"  {name:12s} {done:4d}/{cfg.iters} iterations ({time.perf_counter() - t0:.1f} s)", flush=True)
+        if done == cfg.iters:
+            break
+    logs = {name: [json.loads(line) for line in (root / name / "log.jsonl").read_text().splitlines()]
+            for name in objectives}
+    return models, logs, stage1_time
+
+
+def cost(logs: dict, stage1_time: dict) -> dict:
+    it = {n: [r["time_rollout"] + r["time_adjoint"] + r["time_loss"] for r in recs] for n, recs in logs.items()}
+    med = {n: statistics.median(v) for n, v in it.items()}
+    out = {"median_iteration_s": med}
+    for n in it:
+        if n == "expected":
+            continue
+        total = sum(it[n]) + stage1_time[n]
+        out[n] = {"iteration_ratio_to_expected": med[n] / med["expected"],
+                  "stage1_s": stage1_time[n], "run_s": total, "stage1_fraction": stage1_time[n] / total}
+    return out
+
+
+def sensitivity(mix, law: RewardLaw, a, cfg: Config) -> dict:
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    out = {}
+    for tail in ("right", "left"):
+        for b in LEVELS:
+            exact = law.exact_eta(b, cfg.lam, tail)
+            j_star = law.objective(exact, b, cfg.lam, tail)
+            rows = []
+            for n in cfg.batch_sizes:
+                etas = [solve_threshold(mix.sample(n, generator=g).double() @ a.double(), b, cfg.lam, tail).eta
+                        for _ in range(cfg.repeats)]
+                regrets = [j_star - law.objective(e, b, cfg.lam, tail) for e in etas]
+                rows.append({"n": n, "eta_mean": float(np.mean(etas)), "eta_std": float(np.std(etas)),
+                             "eta_bias": float(np.mean(etas) - exact), "regret_mean": float(np.mean(regrets)),
+                             "regret_max": float(np.max(regrets))})
+            out[f"{tail}_{b:g}"] = {"exact_eta": exact, "objective_at_exact_eta": j_star, "by_batch_size": rows}
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+def figures(samples: dict, rewards: dict, reward, sens: dict, cfg: Config) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no PNG (pip install 'tiltflow[plot]')")
+        return
+    names = list(samples)
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 7.0))
+    gx, gy = np.meshgrid(np.linspace(-4.5, 4.5, 100), np.linspace(-4, 4, 100))
+    gz = reward(torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)).numpy().reshape(gx.shape)
+    edges = np.linspace(-4.5, 5.5, 61)
+    for j, n in enumerate(names):
+        x, r = samples[n][:4000].numpy(), rewards[n].numpy()
+        ax = axes[0, j]
+        ax.contour(gx, gy, gz, levels=12, colors="k", linewidths=0.5, alpha=0.4)
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.3, color=f"C{j}", rasterized=True)
+        ax.set(xlim=(-4.5, 4.5), ylim=(-4, 4), aspect="equal", title=n)
+        ax = axes[1, j]
+        ax.hist(r, bins=edges, density=True, color=f"C{j}", alpha=0.6)
+        for tail, ls in (("left", "--"), ("right", ":")):
+            ax.axvline(cvar(rewards[n], cfg.level, tail), color="k", ls=ls, lw=1)
+        ax.axvline(r.mean(), color="k", lw=1)
+        ax.set(xlabel="reward", title=f"mean {r.mean():.2f}, CVaR{cfg.level:g} L {cvar(rewards[n], cfg.level, 'left'):.2f}"
+                                       f" / R {cvar(rewards[n], cfg.level, 'right'):.2f}")
+    fig.suptitle(f"TFFT on the 2-D mixture, r = x₁ + 0.5 x₂, λ = {cfg.lam:g}, β = {cfg.level:g} "
+                 "(solid: mean, dashed: left CVaR, dotted: right CVaR)", fontsize=10)
+    _common.save_figure(fig, f"{NAME}_samples")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, tail in zip(axes, ("right", "left")):
+        for b in LEVELS:
+            s = sens[f"{tail}_{b:g}"]
+            ns = [row["n"] for row in s["by_batch_size"]]
+            ax.errorbar(ns, [row["eta_mean"] - s["exact_eta"] for row in s["by_batch_size"]],
+                        yerr=[row["eta_std"] for row in s["by_batch_size"]], marker="o", capsize=3, label=f"β = {b:g}")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel="offline batch size", ylabel="η̂ − η* (mean ± std over batches)",
+               title=f"{tail} tail, λ = {cfg.lam:g}")
+        ax.legend(fontsize=8)
+    _common.save_figure(fig, f"{NAME}_eta")
+
+
+# ----------------------------------------------------------------------------- main
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    cfg = quick() if args.quick else Config()
+    _common.setup_torch()
+    t_start = time.perf_counter()
+
+    mix = tilt.toy2d.get_task("mixture")
+    base = tilt.FlowModel(tilt.GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
+    a = torch.tensor([1.0, 0.5])
+    reward = tilt.rewards.Linear(a)
+    law = RewardLaw(mix, a)
+    objectives = {"expected": ExpectedReward(reward),
+                  "cvar-right": CVaR(reward, cfg.level, "right"),
+                  "cvar-left": CVaR(reward, cfg.level, "left")}
+
+    print("1-2. fine-tuning (interleaved chunks)")
+    with tempfile.TemporaryDirectory() as tmp:
+        models, logs, stage1_time = train_interleaved(base, objectives, cfg, Path(tmp))
+    samples = {"base": base.sample(cfg.n_eval, steps=cfg.steps, seed=cfg.seed + 1)}
+    samples.update({n: m.sample(cfg.n_eval, steps=cfg.steps, seed=cfg.seed + 1) for n, m in models.items()})
+    rewards = {n: reward(x) for n, x in samples.items()}
+
+    etas = {n: o.solution.eta for n, o in objectives.items() if isinstance(o, CVaR)}
+    exact = {"base": law.stats(law.tilt(np.zeros_like(law.r), cfg.lam)[0]),
+             "expected": law.stats(law.tilt(law.r, cfg.lam)[0])}
+    for n, tail in (("cvar-right", "right"), ("cvar-left", "left")):
+        exact[n] = law.stats(law.tilt(law.g(law.exact_eta(cfg.level, cfg.lam, tail), cfg.level, tail), cfg.lam)[0])
+    table = {n: {"samples": sample_stats(rewards[n]), "exact_tilt": exact[n],
+                 "kl_control_energy": (float(np.mean([r["kl"] for r in logs[n][-50:]])) if n in logs else 0.0)}
+             for n in samples}
+    costs = cost(logs, stage1_time)
+
+    print("3. η* sensitivity to the offline batch size")
+    sens = sensitivity(mix, law, a, cfg)
+
+    header = ["model", "mean", *[f"L{b:g}" for b in LEVELS], *[f"R{b:g}" for b in LEVELS], "KL"]
+    rows = []
+    for n, v in table.items():
+        for kind in ("samples", "exact_tilt"):
+            s = v[kind]
+            rows.append([f"{n} ({'fit' if kind == 'samples' else 'exact'})", s["mean"],
+                         *[s[f"cvar_left_{b:g}"] for b in LEVELS], *[s[f"cvar_right_{b:g}"] for b in LEVELS],
+                         v["kl_control_energy"] if kind == "samples" else ""])
+    _common.print_table(rows, header)
+    print({k: v for k, v in costs.items()})
+    _common.print_table([[k, row["n"], row["eta_mean"], row["eta_std"], row["eta_bias"], row["regret_mean"]]
+                         for k, s in sens.items() for row in s["by_batch_size"]],
+                        ["tail_level", "n", "eta_mean", "eta_std", "bias", "regret"])
+
+    figures(samples, rewards, reward, sens, cfg)
+    path = _common.write_json(NAME, {"config": cfg, "question": __doc__.split("\n\n")[0],
+                                     "stage1_eta": etas, "table": table, "cost": costs, "sensitivity": sens,
+                                     "wall_s": time.perf_counter() - t_start})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""Divergences D(p‖p_pre) that keep Flow Density Control near the pretrained model.
+
+FDC maximises F(p) − λ·D(p‖p_pre); each outer iteration needs the first variation δD/δp at
+the current model p_k, which enters the tilt's reward with weight −λ. A divergence is a small
+object with
+
+    value(samples, model, reference, reference_samples=None) -> float
+    first_variation(x, model, reference, samples=None, reference_samples=None) -> (batch,)
+
+x: (batch, *dims), differentiable in x; model = p_k and reference = p_pre are FlowModels;
+samples / reference_samples: (n, *dims) samples of p_k / p_pre (given when the class sets
+``needs_samples`` / ``needs_reference_samples``). Constants in a first variation are dropped.
+
+| divergence | D(p‖q) | δD/δp(x) | gradient used |
+|---|---|---|---|
+| KL | E_p log(p/q) | log p(x) − log q(x) (+1) | s_p(x) − s_q(x), scores from velocities |
+| Renyi(α) | log ∫p^α q^{1−α} / (α − 1) | (α/(α−1))·(p/q)^{α−1}/Z, Z = ∫p^α q^{1−α} | α·w(x)·(s_p − s_q), w = (p/q)^{α−1}/Z |
+| OT(p=2) | W2²(p, q), squared-Euclidean optimal transport cost | Kantorovich potential φ(x) | ∇ of the c-transform below |
+
+Choices. KL and Rényi read scores s = ∇log p from the velocity at t = 1 − ε
+(utilities.model_score), as the FDC authors' code does; Rényi also needs the log-ratio's value
+(for w), computed by the models' log_prob. Optimal transport: the paper uses W1 with a
+learned Lipschitz critic; we solve the transport exactly between n samples of p_k and of
+p_pre with POT (``ot.emd``, dual potentials u, v) and extend the potential to every x by the
+c-transform φ(x) = min_j [c(x, y_j) − v_j], so its gradient 2(x − y_j*) (W2², default) or
+(x − y_j*)/‖x − y_j*‖ (W1, p=1) pulls x toward its transport partner. No critic to train;
+the price is an O(n²) solve once per outer iteration (n = 512 by default).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .utilities import model_score, value_with_grad
+
+__all__ = ["KL", "OT", "Renyi"]
+
+
+def _positive(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < math.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def _check_eps(eps) -> float:
+    eps = _positive(eps, "eps")
+    if eps >= 0.5:
+        raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
+    return eps
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    return steps
+
+
+def log_ratio(model, reference, x: Tensor, steps: int) -> Tensor:
+    """log p(x) − log q(x) by both models' log_prob (ODE, `steps` Heun steps); (batch,)."""
+    return model.log_prob(x.detach(), steps=steps) - reference.log_prob(x.detach(), steps=steps)
+
+
+class KL:
+    """KL(p‖p_pre); δ/δp = log p − log p_pre, handed over by its gradient s_p − s_pre (value 0).
+
+    eps: time offset of the score read-out (utilities.model_score); steps: Heun steps of the
+    log_prob used by ``value``.
+    """
+
+    needs_samples = False
+    needs_reference_samples = False
+
+    def __init__(self, eps: float = 0.02, steps: int = 50):
+        self.eps, self.steps = _check_eps(eps), _check_steps(steps)
+
+    def value(self, samples: Tensor, model, reference, reference_samples=None) -> float:
+        """Monte Carlo E_p[log p − log q] over samples of p: (n, *dims)."""
+        return float(log_ratio(model, reference, samples, self.steps).double().mean())
+
+    def first_variation(self, x: Tensor, model, reference, samples=None, reference_samples=None) -> Tensor:
+        grad = model_score(model, x.detach(), self.eps) - model_score(reference, x.detach(), self.eps)
+        return value_with_grad(x, torch.zeros(x.shape[0], device=x.device), grad)
+
+    def __repr__(self) -> str:
+        return f"KL(eps={self.eps:g})"
+
+
+class Renyi:
+    """Rényi divergence of order α ≠ 1: D_α(p‖q) = log E_p[(p/q)^{α−1}] / (α − 1).
+
+    δD_α/δp(x) = (α/(α − 1))·w(x), w = (p/q)^{α−1}(x) / E_p[(p/q)^{α−1}]; its gradient
+    α·w(x)·∇log(p/q)(x) (scores as in KL, α → 1 gives KL's gradient). Z = E_{p_k}[(p/q)^{α−1}]
+    is estimated once per outer iteration on the samples of p_k (cached while the same samples
+    tensor is passed). (α − 1)·log(p/q) − log Z is clipped at ±`max_log_weight` (the FDC code
+    clips at ±3) so that a few far-out points cannot dominate.
+    """
+
+    needs_samples = True
+    needs_reference_samples = False
+
+    def __init__(self, alpha: float = 0.5, eps: float = 0.02, steps: int = 30, max_log_weight: float = 5.0):
+        alpha = _positive(alpha, "alpha")
+        if abs(alpha - 1.0) < 1e-6:
+            raise ValueError("alpha must differ from 1 (alpha = 1 is KL: use tiltflow.KL())")
+        self.alpha, self.eps, self.steps = alpha, _check_eps(eps), _check_steps(steps)
+        self.max_log_weight = _positive(max_log_weight, "max_log_weight")
+        self._cache = (None, None)
+
+    def _log_z(self, samples: Tensor, model, reference) -> float:
+        if self._cache[0] is not samples:
+            lr = log_ratio(model, reference, samples, self.steps).double()
+            log_z = torch.logsumexp((self.alpha - 1) * lr, 0) - math.log(lr.numel())
+            self._cache = (samples, float(log_z))
+        return self._cache[1]
+
+    def value(self, samples: Tensor, model, reference, reference_samples=None) -> float:
+        lr = log_ratio(model, reference, samples, self.steps).double()
+        return float((torch.logsumexp((self.alpha - 1) * lr, 0) - math.log(lr.numel())) / (self.alpha - 1))
+
+    def first_variation(self, x: Tensor, model, reference, samples=None, reference_samples=None) -> Tensor:
+        if not isinstance(samples, Tensor):
+            raise ValueError("Renyi.first_variation needs samples of the current model (for its normaliser)")
+        log_z = self._log_z(samples, model, reference)
+        lw = ((self.alpha - 1) * log_ratio(model, reference, x, self.steps) - log_z)
+        w = lw.clamp(-self.max_log_weight, self.max_log_weight).exp()
+        grad = model_score(model, x.detach(), self.eps) - model_score(reference, x.detach(), self.eps)
+        grad = self.alpha * w.reshape(-1, *([1] * (x.ndim - 1))) * grad
+        return value_with_grad(x, self.alpha / (self.alpha - 1) * w, grad)
+
+    def __repr__(self) -> str:
+        return f"Renyi(alpha={self.alpha:g}, eps={self.eps:g})"
+
+
+class OT:
+    """Optimal-transport cost W_p^p(p, p_pre) with cost c(x, y) = ‖x − y‖^p, p ∈ {1, 2}.
+
+    First variation: the Kantorovich potential of p's side, from POT's exact solver between
+    the samples of p_k and of p_pre (n each, subsampled), extended to all x by the c-transform
+    φ(x) = min_j [c(x, y_j) − v_j] (module docstring). Cached per samples tensor.
+    """
+
+    needs_samples = True
+    needs_reference_samples = True
+
+    def __init__(self, p: int = 2, n: int = 512):
+        if p not in (1, 2):
+            raise ValueError(f"p must be 1 (W1) or 2 (W2²), got {p!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"n must be an integer >= 2, got {n!r}")
+        self.p, self.n = p, n
+        self._cache = (None, None, None)
+
+    def _cost(self, x: Tensor, y: Tensor) -> Tensor:
+        d = torch.cdist(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
+        return d.pow(2) if self.p == 2 else d
+
+    def _solve(self, samples: Tensor, reference_samples: Tensor):
+        """(optimal cost, reference points (m, d), their potentials v (m,)) for these samples."""
+        import ot  # POT: imported here so that the rest of tiltflow does not need it
+
+        if self._cache[0] is not samples:
+            x = samples[: self.n].detach().reshape(min(self.n, samples.shape[0]), -1).double().cpu()
+            y = reference_samples[: self.n].detach().reshape(min(self.n, reference_samples.shape[0]), -1).double().cpu()
+            a = np.full(x.shape[0], 1.0 / x.shape[0])
+            b = np.full(y.shape[0], 1.0 / y.shape[0])
+            M = self._cost(x, y).numpy()
+            plan, log = ot.emd(a, b, M, log=True)
+            self._cache = (samples, (float(log["cost"]), y, torch.as_tensor(log["v"])))
+        return self._cache[1]
+
+    def value(self, samples: Tensor, model=None, reference=None, reference_samples=None) -> float:
+        if not isinstance(reference_samples, Tensor):
+            raise ValueError("OT.value needs reference_samples of the pretrained model")
+        return self._solve(samples, reference_samples)[0]
+
+    def first_variation(self, x: Tensor, model=None, reference=None, samples=None, reference_samples=None) -> Tensor:
+        if not isinstance(samples, Tensor) or not isinstance(reference_samples, Tensor):
+            raise ValueError("OT.first_variation needs samples of the current and of the pretrained model")
+        _, y, v = self._solve(samples, reference_samples)
+        return (self._cost(x, y.to(x)) - v.to(x)[None, :]).min(dim=1).values
+
+    def __repr__(self) -> str:
+        return f"OT(p={self.p}, n={self.n})"

@@ -1,0 +1,271 @@
+"""fdc: Flow Density Control — maximise F(p) − λ·D(p‖p_pre) by a sequence of tilts.
+
+De Santi et al., "Flow Density Control" (NeurIPS 2025, arXiv 2511.22640). F is a utility of
+the whole distribution (utilities.py), D a divergence to the pretrained model p_pre
+(divergences.py). With G(p) = F(p) − λ·D(p‖p_pre), FDC runs mirror descent in the space of
+densities with the KL geometry: outer iteration k solves
+
+    p_{k+1} = argmax_p ⟨δG/δp(p_k), p⟩ − (1/γ)·KL(p‖p_k)  ⇔  p_{k+1} ∝ p_k · exp(γ·g_k),
+    g_k(x) = δF/δp(p_k)(x) − λ·δD/δp(p_k‖p_pre)(x),
+
+i.e. ONE Adjoint Matching run (methods/finetune.py) whose base is the current model p_k, whose
+reward is g_k and whose KL weight is 1/γ. A fixed point has δG/δp(p*) = const on the support,
+the first-order condition of the regularised problem, so the iteration stops exactly at the
+regularised optimum (for concave G it is the maximiser; convergence by mirror-flow arguments
+in the paper). The authors' code does the same: reference of each Adjoint Matching run = the
+previous iterate, reward gradient γ·∇g_k, KL weight 1 (research memo §3).
+
+The step. With D = KL, p_{k+1} ∝ p_k^{1−γλ}·p_pre^{γλ}·exp(γ·δF(p_k)): γ = 1/λ replaces p_k
+by p_pre and makes one outer iteration on a linear F (expected reward) exactly the plain
+KL-regularised fine-tuning; for entropy (δH = −log p) γ = 1/(1 + λ) gives p_pre^{λ/(1+λ)},
+the exact optimum, in one step. The default γ = 1/(λ + c), c = ``utility.curvature`` (1 for
+entropy, 0 otherwise), covers both; pass ``step`` for smaller, safer steps (for a Gaussian the
+precision error contracts by |1 − γ(1 + λ)| per step under entropy).
+
+At k = 0 the model is p_pre itself, where every divergence is stationary (its first variation
+is constant), so the divergence term is skipped there; it is evaluated from k = 1 on.
+
+Run folder (``out``): config.json, log.jsonl (one record per outer iteration k = 0..K: utility
+value F, divergence D, objective F − λD, KL(p_k‖p_pre) by log-likelihoods, times),
+metrics.json, model.safetensors (the last iterate) and one finetune run folder per outer
+iteration, outer_01/ … outer_K/. ``resume=True`` continues from the last finished outer
+iteration (and inside an unfinished one from its newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .. import checkpoint as ckpt
+from ..divergences import KL, log_ratio
+from ..models.flow_model import FlowModel
+from ..utilities import as_utility
+from .finetune import FinetuneConfig, _validate as _validate_inner, finetune
+
+__all__ = ["FDCConfig", "fdc"]
+
+EVAL_SEED_OFFSET = 1000   # evaluation samples: the same noise at every k (less noise in F_k − F_{k−1})
+REF_SEED_OFFSET = 2000    # samples of p_pre for divergences that need them (OT)
+
+
+@dataclass
+class FDCConfig:
+    """Outer-loop settings of Flow Density Control (inner settings: FinetuneConfig)."""
+    lam: float = 1.0              # divergence weight λ in F(p) − λ·D(p‖p_pre)
+    iters_outer: int = 3          # K: outer (mirror-descent) iterations, one Adjoint Matching run each
+    step: float | None = None     # mirror step γ (inner KL weight 1/γ); None: 1/(λ + utility.curvature)
+    n_eval: int = 1000            # ODE samples per outer iteration for the logged utility value
+    eval_steps: int = 50          # ODE steps of those samples and of the log-likelihoods
+    n_kl: int = 300               # samples for D and KL(p_k‖p_pre) by log-likelihoods; 0 skips them
+
+
+def _validate(cfg: FDCConfig):
+    lam = cfg.lam
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam < math.inf:
+        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
+    if isinstance(cfg.iters_outer, bool) or not isinstance(cfg.iters_outer, int) or cfg.iters_outer <= 0:
+        raise ValueError(f"iters_outer must be a positive integer, got {cfg.iters_outer!r}")
+    if cfg.step is not None and (isinstance(cfg.step, bool) or not isinstance(cfg.step, (int, float))
+                                 or not 0.0 < cfg.step < math.inf):
+        raise ValueError(f"step must be a positive finite number or None, got {cfg.step!r}")
+    for name in ("n_eval", "eval_steps"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
+            raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
+    if isinstance(cfg.n_kl, bool) or not isinstance(cfg.n_kl, int) or cfg.n_kl < 0 or cfg.n_kl == 1:
+        raise ValueError(f"n_kl must be 0 (skip) or an integer >= 2, got {cfg.n_kl!r}")
+
+
+def _checked(values, x: torch.Tensor, who: str) -> torch.Tensor:
+    """A first variation's output, checked: (batch,) and finite, else ValueError naming `who`."""
+    if not isinstance(values, torch.Tensor) or tuple(values.shape) != (x.shape[0],):
+        shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+        raise ValueError(f"{who} must return one value per sample, shape ({x.shape[0]},); got {shape}")
+    bad = int((~torch.isfinite(values.detach())).sum())
+    if bad:
+        raise ValueError(f"{who} returned {bad} NaN or inf values out of {x.shape[0]}; "
+                         "check the utility (and the scale of the model's samples)")
+    return values
+
+
+class _Linearisation:
+    """The objective handed to `finetune` at outer iteration k: pseudo-reward g_k (module doc).
+
+    finetune draws `n_offline` samples of its base (= p_k) when `needs_offline` and calls
+    pseudo_reward(samples, 1/γ, cond) once; the samples give the utility its statistics of p_k.
+    """
+
+    def __init__(self, utility, divergence, lam: float, model: FlowModel, reference: FlowModel,
+                 reference_samples, k: int):
+        self.utility, self.divergence, self.lam, self.k = utility, divergence, lam, k
+        self.model, self.reference, self.reference_samples = model, reference, reference_samples
+        self.use_divergence = lam > 0 and k > 0
+        self.needs_offline = bool(utility.needs_samples or
+                                  (self.use_divergence and getattr(divergence, "needs_samples", False)))
+
+    def pseudo_reward(self, x_offline, lam_inner: float, cond=None):
+        if cond is not None:
+            raise ValueError("fdc does not support conditional models (cond)")
+        u, d, model, ref = self.utility, self.divergence, self.model, self.reference
+        who_u, who_d = f"{u!r}.first_variation", f"{d!r}.first_variation"
+
+        def g(x, cond=None):
+            val = _checked(u.first_variation(x, model, x_offline), x, who_u)
+            if self.use_divergence:
+                dv = _checked(d.first_variation(x, model, ref, x_offline, self.reference_samples), x, who_d)
+                val = val - self.lam * dv
+            return val
+
+        # Probe on a few prior draws, so that a broken utility fails before any training.
+        gen = torch.Generator(device=model.device).manual_seed(0)
+        probe = model.prior(4, gen).requires_grad_(True)
+        (grad,) = torch.autograd.grad(g(probe).sum(), probe, allow_unused=True)
+        if grad is None:
+            raise ValueError(f"{who_u} is not differentiable in x; FDC needs its gradient")
+        if not torch.isfinite(grad).all():
+            raise ValueError(f"the gradient of {who_u} (− λ·{who_d}) has NaN or inf entries")
+        return g
+
+    def __repr__(self) -> str:
+        div = f" − {self.lam:g}·δD/δp of {self.divergence!r}" if self.use_divergence else ""
+        return f"FDC step {self.k + 1}: δF/δp of {self.utility!r}{div}"
+
+
+def _evaluate(model: FlowModel, reference: FlowModel, utility, divergence, lam: float,
+              cfg: FDCConfig, seed: int, reference_samples, is_reference: bool) -> dict:
+    """F, D, F − λD and KL(p‖p_pre) of `model` on fresh ODE samples (the same seed every k)."""
+    t0 = time.perf_counter()
+    x = model.sample(cfg.n_eval, steps=cfg.eval_steps, seed=seed + EVAL_SEED_OFFSET)
+    rec = {"utility": float(utility.value(x, model))}
+    if cfg.n_kl > 0:
+        xk = x[: cfg.n_kl]
+        if is_reference:
+            kl = d = 0.0
+        else:
+            kl = float(log_ratio(model, reference, xk, cfg.eval_steps).double().mean())
+            d = kl if isinstance(divergence, KL) else float(divergence.value(xk, model, reference, reference_samples))
+        rec.update(divergence=d, objective=rec["utility"] - lam * d, kl=kl)
+    rec["time_eval"] = time.perf_counter() - t0
+    return rec
+
+
+def _load_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break          # a half-written last line of a killed run
+    return out
+
+
+def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_outer: int = 3, *,
+        step: float | None = None, n_eval: int = 1000, eval_steps: int = 50, n_kl: int = 300,
+        out=None, resume: bool = False, progress: bool = True,
+        callback: Callable | None = None, **kwargs) -> FlowModel:
+    """Flow Density Control: fine-tune `model` toward argmax_p F(p) − λ·D(p‖p_model).
+
+    utility: a utility (tiltflow.utilities), an objective (ExpectedReward, CVaR) or a reward.
+    divergence: KL() (default), Renyi(alpha) or OT(p).
+    step: mirror step γ; None picks 1/(λ + utility.curvature) (module docstring).
+    kwargs: FinetuneConfig fields of every inner Adjoint Matching run (iters, batch_size, steps,
+    lr, init, seed, ...); outer iteration k uses seed + k.
+    out / resume: run folder and continuation (module docstring). callback(k, record) after
+    each outer iteration's evaluation. Returns the last iterate p_K (the input is untouched).
+    """
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
+    utility = as_utility(utility)
+    divergence = KL() if divergence is None else divergence
+    if not (hasattr(divergence, "first_variation") and hasattr(divergence, "value")):
+        raise ValueError(f"divergence must be KL(), Renyi(alpha) or OT(p) (value and first_variation), "
+                         f"got {type(divergence).__name__}")
+    cfg = FDCConfig(lam=lam, iters_outer=iters_outer, step=step, n_eval=n_eval, eval_steps=eval_steps, n_kl=n_kl)
+    _validate(cfg)
+    inner_fields = set(FinetuneConfig.__dataclass_fields__) - {"lam"}
+    unknown = set(kwargs) - inner_fields
+    if unknown:
+        raise ValueError(f"unknown fdc options {sorted(unknown)}; valid inner options: {sorted(inner_fields)}")
+    inner = FinetuneConfig(**kwargs)
+    _validate_inner(inner)
+    curvature = float(getattr(utility, "curvature", 0.0))
+    if cfg.step is None and cfg.lam + curvature <= 0:
+        raise ValueError("with lam = 0 and a utility of curvature 0 there is no default step: pass step=γ > 0")
+    gamma = cfg.step if cfg.step is not None else 1.0 / (cfg.lam + curvature)
+    seed = inner.seed
+
+    device = torch.device(inner.device)
+    reference = model.copy().to(device).eval()
+    reference.requires_grad_(False)
+    # The inner runs warm-start from p_k: the first one builds the trainable model the way
+    # finetune would; later ones train a copy of p_k with the same parameters trainable.
+    init0 = inner.init
+    if init0 == "auto":
+        init0 = "copy" if any(p.requires_grad for p in model.parameters()) else "residual"
+    trainable_later = (lambda n, p: n.startswith("net.residual.")) if init0 == "residual" else None
+    ref_samples = None
+    if cfg.lam > 0 and getattr(divergence, "needs_reference_samples", False):
+        ref_samples = reference.sample(inner.n_offline, steps=inner.steps, sde=True,
+                                       seed=seed + REF_SEED_OFFSET)
+
+    config_record = {**asdict(cfg), "gamma": gamma, "inner": asdict(inner), "utility": repr(utility),
+                     "divergence": repr(divergence), "base": reference.config()}
+    run = None
+    current, start, records = reference, 0, []
+    if out is not None:
+        run = ckpt.prepare_run(out, config_record, resume, resumable_keys=("iters_outer",))
+        if resume:
+            done = 0
+            for k in range(1, cfg.iters_outer + 1):
+                if (run / f"outer_{k:02d}" / "model.safetensors").is_file():
+                    done = k
+            if done > 0:
+                current = FlowModel.load(run / f"outer_{done:02d}" / "model.safetensors", device=device)
+                current.requires_grad_(False)
+            start = done
+            records = [r for r in _load_log(run / "log.jsonl") if r.get("outer", 1e9) <= done]
+        ckpt.atomic_write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if progress:
+        print(f"tiltflow fdc: {config_record['utility']} − {cfg.lam:g}·{config_record['divergence']}  "
+              + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()) + f" gamma={gamma:.4g}  inner: "
+              + " ".join(f"{k}={v}" for k, v in asdict(inner).items()))
+
+    def log(k: int, model_k: FlowModel, extra: dict):
+        rec = {"outer": k, **_evaluate(model_k, reference, utility, divergence, cfg.lam, cfg, seed,
+                                       ref_samples, is_reference=(k == 0)), **extra}
+        records.append(rec)
+        if run is not None:
+            ckpt.append_jsonl(run / "log.jsonl", rec)
+        if progress:
+            shown = " ".join(f"{key}={rec[key]:.4g}" for key in ("utility", "divergence", "objective", "kl")
+                             if rec.get(key) is not None)
+            print(f"fdc outer {k}/{cfg.iters_outer}: {shown}")
+        if callback is not None:
+            callback(k, rec)
+
+    if not any(r.get("outer") == start for r in records):
+        log(start, current, {})
+    inner_kwargs = {k: v for k, v in asdict(inner).items() if k not in ("lam", "seed", "init", "iters")}
+    for k in range(start, cfg.iters_outer):
+        objective = _Linearisation(utility, divergence, cfg.lam, current, reference, ref_samples, k)
+        sub = None if run is None else run / f"outer_{k + 1:02d}"
+        t0 = time.perf_counter()
+        current = finetune(current, objective, lam=1.0 / gamma, iters=inner.iters, out=sub,
+                           resume=bool(resume and sub is not None and (sub / "config.json").is_file()),
+                           progress=progress, seed=seed + k, init=init0 if k == 0 else "copy",
+                           trainable=trainable_later if k > 0 else None, **inner_kwargs)
+        log(k + 1, current, {"time_inner": time.perf_counter() - t0, "gamma": gamma})
+
+    if run is not None:
+        current.save(run / "model.safetensors")
+        ckpt.write_json(run / "metrics.json", {"final": records[-1], "outer": records, "gamma": gamma})
+    return current
