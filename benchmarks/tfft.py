@@ -7,12 +7,15 @@ Base: the exact flow of the `mixture` task (three Gaussians, weights 0.5/0.3/0.2
 Reward r(x) = x₁ + 0.5·x₂, whose law under the base is a 1-D Gaussian mixture (component means
 −2, 2.25, 0.75, std 0.56). λ = 1, β = 0.1, as in `tiltflow demo`.
 
-1. Quality. Three fine-tunings (expected reward, right CVaR, left CVaR; Adjoint Matching, 400
-   iterations, batch 256, 50 steps, lr 2e-3), 10⁴ ODE samples each. A table of mean reward and
+1. Quality. Four fine-tunings (expected reward, right CVaR with quantile tracking (the default),
+   right CVaR with η* held fixed (`track=False`), left CVaR; Adjoint Matching, 400 iterations,
+   batch 256, 50 steps, lr 2e-3), 10⁴ ODE samples each. A table of mean reward and
    left/right CVaR at β ∈ {0.05, 0.1, 0.2} per model, next to the same numbers of each exact
-   optimal tilt, computed by quadrature on the reward's 1-D law: p*(r) ∝ p(r)·exp(g(r)/λ).
-2. Cost. The three runs are interleaved in chunks of 100 iterations (each chunk resumes its run
-   from its checkpoint), so load on the shared machine hits all three alike. Reported: median
+   optimal tilt, computed by quadrature on the reward's 1-D law: p*(r) ∝ p(r)·exp(g(r)/λ), and
+   KL to the base (fit: the control-energy estimate, mean of the last 50 iterations; exact: by
+   quadrature, KL(p_g ‖ p) = E[g/λ] − log Z).
+2. Cost. The four runs are interleaved in chunks of 100 iterations (each chunk resumes its run
+   from its checkpoint), so load on the shared machine hits all alike. Reported: median
    iteration time of each CVaR run / that of the expected-reward run (target ≤ 1.03), and the
    stage-1 time (offline batch of 4096 base samples + threshold solve) as a fraction of the run.
 3. Sensitivity. η* from offline batches of 10², 10³, 10⁴, 10⁵ exact base samples (20 batches
@@ -24,6 +27,7 @@ Writes results/tfft.json, results/tfft_samples.png (samples + reward histograms)
 results/tfft_eta.png (η* spread vs batch size).
 
     python benchmarks/tfft.py            # full (~5-8 min on one thread)
+    python benchmarks/tfft.py --lam 3    # the same at λ = 3 (results/tfft_lam3.*)
     python benchmarks/tfft.py --quick    # smoke test (~1 min)
 """
 
@@ -126,12 +130,18 @@ class RewardLaw:
                 lo = c
         return 0.5 * (lo + hi)
 
+    def kl(self, g: np.ndarray, lam: float) -> float:
+        """KL(p_g ‖ p) = E_{p_g}[g/λ] − log Z."""
+        p, logz = self.tilt(g, lam)
+        return float(np.trapezoid(p * (g / lam - logz), self.r))
+
+    def tilt_stats(self, g: np.ndarray, lam: float) -> dict:
+        return {**self.stats(self.tilt(g, lam)[0]), "kl": self.kl(g, lam)}
+
     def objective(self, eta: float, level: float, lam: float, tail: str) -> float:
         """J(η) = CVaR_β(p_η) − λ·KL(p_η ‖ p) of the tilt with pseudo-reward g_η."""
         g = self.g(eta, level, tail)
-        p, logz = self.tilt(g, lam)
-        kl = np.trapezoid(p * (g / lam - logz), self.r)
-        return self.stats_level(p, level, tail) - lam * kl
+        return self.stats_level(self.tilt(g, lam)[0], level, tail) - lam * self.kl(g, lam)
 
     def stats_level(self, p, level, tail) -> float:
         cdf = np.concatenate([[0.0], np.cumsum(0.5 * (p[1:] + p[:-1]) * np.diff(self.r))])
@@ -257,8 +267,13 @@ def figures(samples: dict, rewards: dict, reward, sens: dict, cfg: Config) -> No
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--lam", type=float, default=1.0, help="KL weight λ (results named tfft_lamX unless λ = 1)")
     args = ap.parse_args()
     cfg = quick() if args.quick else Config()
+    cfg.lam = args.lam
+    global NAME
+    if cfg.lam != 1.0:
+        NAME = f"tfft_lam{cfg.lam:g}"
     _common.setup_torch()
     t_start = time.perf_counter()
 
@@ -269,6 +284,7 @@ def main() -> None:
     law = RewardLaw(mix, a)
     objectives = {"expected": ExpectedReward(reward),
                   "cvar-right": CVaR(reward, cfg.level, "right"),
+                  "cvar-right-fixed": CVaR(reward, cfg.level, "right", track=False),
                   "cvar-left": CVaR(reward, cfg.level, "left")}
 
     print("1-2. fine-tuning (interleaved chunks)")
@@ -279,10 +295,9 @@ def main() -> None:
     rewards = {n: reward(x) for n, x in samples.items()}
 
     etas = {n: o.solution.eta for n, o in objectives.items() if isinstance(o, CVaR)}
-    exact = {"base": law.stats(law.tilt(np.zeros_like(law.r), cfg.lam)[0]),
-             "expected": law.stats(law.tilt(law.r, cfg.lam)[0])}
-    for n, tail in (("cvar-right", "right"), ("cvar-left", "left")):
-        exact[n] = law.stats(law.tilt(law.g(law.exact_eta(cfg.level, cfg.lam, tail), cfg.level, tail), cfg.lam)[0])
+    exact = {"base": law.tilt_stats(np.zeros_like(law.r), cfg.lam), "expected": law.tilt_stats(law.r, cfg.lam)}
+    for n, tail in (("cvar-right", "right"), ("cvar-right-fixed", "right"), ("cvar-left", "left")):
+        exact[n] = law.tilt_stats(law.g(law.exact_eta(cfg.level, cfg.lam, tail), cfg.level, tail), cfg.lam)
     table = {n: {"samples": sample_stats(rewards[n]), "exact_tilt": exact[n],
                  "kl_control_energy": (float(np.mean([r["kl"] for r in logs[n][-50:]])) if n in logs else 0.0)}
              for n in samples}
@@ -298,7 +313,7 @@ def main() -> None:
             s = v[kind]
             rows.append([f"{n} ({'fit' if kind == 'samples' else 'exact'})", s["mean"],
                          *[s[f"cvar_left_{b:g}"] for b in LEVELS], *[s[f"cvar_right_{b:g}"] for b in LEVELS],
-                         v["kl_control_energy"] if kind == "samples" else ""])
+                         v["kl_control_energy"] if kind == "samples" else s["kl"]])
     _common.print_table(rows, header)
     print({k: v for k, v in costs.items()})
     _common.print_table([[k, row["n"], row["eta_mean"], row["eta_std"], row["eta_bias"], row["regret_mean"]]

@@ -8,6 +8,7 @@ and the progress bar; the mathematics lives in solvers/adjoint_matching.py.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class FinetuneConfig:
     batch_size: int = 256            # trajectories per iteration
     steps: int = 50                  # memoryless-SDE steps of each rollout (uniform grid on [0, 1])
     lr: float = 1e-3                 # Adam learning rate
+    lr_final: float | None = None    # cosine decay of the learning rate to this value at `iters` (None: constant)
     n_loss_times: int | None = None  # times per trajectory in the loss (None: every interior time)
     grad_clip: float = 1.0           # clip the global gradient norm (AM paper uses clipping too)
     init: str = "auto"               # "copy": train a copy of the base net; "residual": base + zero-init MLP; "auto": residual for vectors
@@ -55,6 +57,8 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"steps must be at least 2 (the loss uses interior times), got {cfg.steps}")
     if cfg.lr <= 0:
         raise ValueError(f"lr must be positive, got {cfg.lr}")
+    if cfg.lr_final is not None and not 0 <= cfg.lr_final <= cfg.lr:
+        raise ValueError(f"lr_final must be in [0, lr] or None, got {cfg.lr_final}")
     if cfg.init not in ("auto", "copy", "residual"):
         raise ValueError(f"init must be 'auto', 'copy' or 'residual', got {cfg.init!r}")
 
@@ -146,6 +150,9 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     record = {}
     for it in bar:
         t0 = time.perf_counter()
+        if cfg.lr_final is not None:  # cosine, a function of the iteration only (resume-safe)
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * it / cfg.iters))
         ft.eval()
         ro = am.rollout(ft, cfg.batch_size, grid, gen, cond, cfg.scheme)
         t1 = time.perf_counter()

@@ -108,7 +108,7 @@ class GFTConfig:
     pretrained_steps: int = 50       # Heun steps used to draw that pool
     n_ref: int = 1024                # marginal variant: target samples defining the empirical marginal velocity
     init: str = "auto"               # copy: train a copy of the pretrained net; residual: base + zero-init MLP; auto: copy if it has weights
-    residual_hidden: tuple = (128, 128)
+    residual_hidden: tuple = (128, 128)  # widths of that residual MLP
     ema: float = 0.995               # decay of the weight average the returned model uses; 0 disables
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
     checkpoint_every: int = 250
