@@ -18,6 +18,9 @@ Reward r(x) = x₁ + 0.5·x₂, whose law under the base is a 1-D Gaussian mixtu
    from its checkpoint), so load on the shared machine hits all alike. Reported: median
    iteration time of each CVaR run / that of the expected-reward run (target ≤ 1.03), and the
    stage-1 time (offline batch of 4096 base samples + threshold solve) as a fraction of the run.
+   Since run-to-run noise on a shared machine is a few per cent, the one step where the
+   iterations differ (the terminal adjoint: g and ∇g instead of r and ∇r) is also timed
+   directly, interleaved over 300 repeats, giving the ratio 1 + extra / iteration time.
 3. Sensitivity. η* from offline batches of 10², 10³, 10⁴, 10⁵ exact base samples (20 batches
    each), for both tails and β ∈ {0.05, 0.1, 0.2}: mean and spread of η*, the exact η* from
    quadrature, and the regret J(η*) − J(η̂) of the objective J(η) = CVaR_β(p_η) − λ·KL(p_η‖p)
@@ -118,7 +121,7 @@ class RewardLaw:
     def exact_eta(self, level: float, lam: float, tail: str) -> float:
         """argmin (right) / argmax (left) of F(η) = η + λ log E exp(g_η/λ): dense grid, then golden refinement."""
         sign = 1.0 if tail == "right" else -1.0
-        F = lambda e: sign * (e + self.tilt(self.g(e, level, tail), lam)[1])  # noqa: E731
+        F = lambda e: sign * (e + lam * self.tilt(self.g(e, level, tail), lam)[1])  # noqa: E731
         grid = np.linspace(self.m.min() - 3, self.m.max() + 3 + 3 / (level * lam), 241)
         i = int(np.argmin([F(e) for e in grid]))
         lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
@@ -195,6 +198,25 @@ def cost(logs: dict, stage1_time: dict) -> dict:
         out[n] = {"iteration_ratio_to_expected": med[n] / med["expected"],
                   "stage1_s": stage1_time[n], "run_s": total, "stage1_fraction": stage1_time[n] / total}
     return out
+
+
+def pseudo_reward_overhead(base, objectives: dict, reward, cfg: Config, repeats: int = 300) -> dict:
+    """Seconds a CVaR pseudo-reward adds to an iteration: the only step where a TFFT iteration
+    differs from an expected-reward one is the terminal adjoint (g and ∇g instead of r and ∇r,
+    plus the batch quantile when tracking). Timed interleaved on the same batch of end points."""
+    from tiltflow.solvers import adjoint_matching as am
+    x1 = base.sample(cfg.batch_size, steps=cfg.steps, seed=cfg.seed + 3)
+    fns = {"expected": reward}
+    fns.update({n: o.pseudo_reward(x1, cfg.lam) for n, o in objectives.items() if isinstance(o, CVaR)})
+    times = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, g in fns.items():
+            t0 = time.perf_counter()
+            am.terminal_adjoint(g, x1, cfg.lam)
+            times[n].append(time.perf_counter() - t0)
+    med = {n: statistics.median(v) for n, v in times.items()}
+    return {"terminal_adjoint_median_s": med,
+            "extra_s": {n: med[n] - med["expected"] for n in med if n != "expected"}}
 
 
 def sensitivity(mix, law: RewardLaw, a, cfg: Config) -> dict:
@@ -302,6 +324,10 @@ def main() -> None:
                  "kl_control_energy": (float(np.mean([r["kl"] for r in logs[n][-50:]])) if n in logs else 0.0)}
              for n in samples}
     costs = cost(logs, stage1_time)
+    over = pseudo_reward_overhead(base, objectives, reward, cfg)
+    costs["pseudo_reward_overhead"] = {
+        **over, "iteration_ratio_from_overhead": {n: 1 + e / costs["median_iteration_s"]["expected"]
+                                                  for n, e in over["extra_s"].items()}}
 
     print("3. η* sensitivity to the offline batch size")
     sens = sensitivity(mix, law, a, cfg)

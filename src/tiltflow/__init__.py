@@ -6,12 +6,16 @@
     ft = tilt.finetune(model, tilt.CVaR(r, level=0.1, tail="left"), lam=1.0)
 """
 
-from . import integrators, metrics, paths, rewards, tasks
+from . import divergences, integrators, metrics, paths, rewards, tasks, utilities
 from .methods.finetune import FinetuneConfig, finetune
+from .methods.fdc import FDCConfig, fdc
 from .methods.gft import GFTConfig, gradual_finetune
 from .methods.pretrain import PretrainConfig, pretrain
 from .models import FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity
 from .objectives import CVaR, ExpectedReward, solve_threshold
+from .divergences import KL, OT, Renyi
+from .utilities import (CVaRUtility, Entropy, ExpectedRewardUtility, ExperimentDesign, KernelDiversity,
+                        MeanVariance, Novelty)
 from .tasks import toy2d
 
 __version__ = "0.1.0"
@@ -21,5 +25,7 @@ __all__ = [
     "pretrain", "PretrainConfig", "finetune", "FinetuneConfig",
     "gradual_finetune", "GFTConfig",
     "ExpectedReward", "CVaR", "solve_threshold",
+    "fdc", "FDCConfig", "KL", "Renyi", "OT", "ExpectedRewardUtility", "CVaRUtility", "MeanVariance",
+    "Novelty", "Entropy", "KernelDiversity", "ExperimentDesign",
     "paths", "integrators", "metrics", "rewards", "tasks", "toy2d",
 ]

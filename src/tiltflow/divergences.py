@@ -60,7 +60,13 @@ def _check_steps(steps) -> int:
 
 
 def log_ratio(model, reference, x: Tensor, steps: int) -> Tensor:
-    """log p(x) − log q(x) by both models' log_prob (ODE, `steps` Heun steps); (batch,)."""
+    """log p(x) − log q(x) by both models' log_prob (ODE, `steps` Heun steps); (batch,).
+
+    A `model` with a method log_ratio(x) (fdc's tracked iterate) supplies it directly, up to a
+    constant that the Rényi normaliser cancels."""
+    if not hasattr(model, "path") and hasattr(model, "log_ratio"):
+        with torch.no_grad():
+            return model.log_ratio(x.detach())
     return model.log_prob(x.detach(), steps=steps) - reference.log_prob(x.detach(), steps=steps)
 
 

@@ -46,7 +46,7 @@ import torch
 from .. import checkpoint as ckpt
 from ..divergences import KL, log_ratio
 from ..models.flow_model import FlowModel
-from ..utilities import as_utility
+from ..utilities import as_utility, model_score
 from .finetune import FinetuneConfig, _validate as _validate_inner, finetune
 
 __all__ = ["FDCConfig", "fdc"]
@@ -64,6 +64,8 @@ class FDCConfig:
     n_eval: int = 1000            # ODE samples per outer iteration for the logged utility value
     eval_steps: int = 50          # ODE steps of those samples and of the log-likelihoods
     n_kl: int = 300               # samples for D and KL(p_k‖p_pre) by log-likelihoods; 0 skips them
+    density: str = "tilts"        # log p_k for first variations: "tilts" (p_pre·Π exp(γ g_j)) or "model" (velocity read-out)
+    score_eps: float = 0.02       # the score of p_pre (and with density="model" of p_k) is read at t = 1 − score_eps
 
 
 def _validate(cfg: FDCConfig):
@@ -79,6 +81,10 @@ def _validate(cfg: FDCConfig):
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 2:
             raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
+    if cfg.density not in ("tilts", "model"):
+        raise ValueError(f"density must be 'tilts' or 'model', got {cfg.density!r}")
+    if isinstance(cfg.score_eps, bool) or not isinstance(cfg.score_eps, (int, float)) or not 0 < cfg.score_eps < 0.5:
+        raise ValueError(f"score_eps must be in (0, 0.5), got {cfg.score_eps!r}")
     if isinstance(cfg.n_kl, bool) or not isinstance(cfg.n_kl, int) or cfg.n_kl < 0 or cfg.n_kl == 1:
         raise ValueError(f"n_kl must be 0 (skip) or an integer >= 2, got {cfg.n_kl!r}")
 
@@ -95,47 +101,77 @@ def _checked(values, x: torch.Tensor, who: str) -> torch.Tensor:
     return values
 
 
-class _Linearisation:
-    """The objective handed to `finetune` at outer iteration k: pseudo-reward g_k (module doc).
+class _TiltedDensity:
+    """The iterate as the mirror steps define it: log p_k = log p_pre + Σ_{j<k} γ g_j + const.
 
-    finetune draws `n_offline` samples of its base (= p_k) when `needs_offline` and calls
-    pseudo_reward(samples, 1/γ, cond) once; the samples give the utility its statistics of p_k.
+    Exact when each inner Adjoint Matching run reaches its tilt; then no density of a
+    fine-tuned model is ever estimated, only the score of p_pre (utilities.model_score),
+    which is what makes entropy and KL terms reliable (a fine-tuned velocity read near t = 1
+    is not). score(x) = s_pre(x) + Σ γ ∇g_j(x); log_ratio(x) = Σ γ g_j(x) (values; the
+    entropy's gradient-only first variation contributes 0 to them).
     """
 
-    def __init__(self, utility, divergence, lam: float, model: FlowModel, reference: FlowModel,
-                 reference_samples, k: int):
-        self.utility, self.divergence, self.lam, self.k = utility, divergence, lam, k
-        self.model, self.reference, self.reference_samples = model, reference, reference_samples
-        self.use_divergence = lam > 0 and k > 0
-        self.needs_offline = bool(utility.needs_samples or
-                                  (self.use_divergence and getattr(divergence, "needs_samples", False)))
+    def __init__(self, reference: FlowModel, tilts: list, eps: float):
+        self.reference, self.tilts, self.eps = reference, list(tilts), eps
 
-    def pseudo_reward(self, x_offline, lam_inner: float, cond=None):
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        s = model_score(self.reference, x, self.eps)
+        for gamma, g in self.tilts:
+            with torch.enable_grad():
+                xx = x.detach().requires_grad_(True)
+                (grad,) = torch.autograd.grad(g(xx).sum(), xx)
+            s = s + gamma * grad
+        return s
+
+    def log_ratio(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        for gamma, g in self.tilts:
+            out = out + gamma * g(x).detach()
+        return out
+
+
+def _linearisation(utility, divergence, lam: float, density, reference: FlowModel,
+                   samples, reference_samples, k: int):
+    """g_k(x) = δF/δp(p_k)(x) − λ·δD/δp(p_k‖p_pre)(x), checked; `density` stands for p_k in
+    first variations, `samples` are samples of the fine-tuned model p_k (or None)."""
+    use_div = lam > 0 and k > 0
+    who_u, who_d = f"{utility!r}.first_variation", f"{divergence!r}.first_variation"
+
+    def g(x, cond=None):
+        val = _checked(utility.first_variation(x, density, samples), x, who_u)
+        if use_div:
+            dv = _checked(divergence.first_variation(x, density, reference, samples, reference_samples), x, who_d)
+            val = val - lam * dv
+        return val
+
+    # Probe on a few prior draws, so that a broken utility fails before any training.
+    gen = torch.Generator(device=reference.device).manual_seed(0)
+    probe = reference.prior(4, gen).requires_grad_(True)
+    (grad,) = torch.autograd.grad(g(probe).sum(), probe, allow_unused=True)
+    if grad is None:
+        raise ValueError(f"{who_u} is not differentiable in x; FDC needs its gradient")
+    if not torch.isfinite(grad).all():
+        raise ValueError(f"the gradient of {who_u} (− λ·{who_d}) has NaN or inf entries")
+    g.description = f"FDC step {k + 1}: δF/δp of {utility!r}" + (
+        f" − {lam:g}·δD/δp of {divergence!r}" if use_div else "")
+    return g
+
+
+class _Fixed:
+    """A finetune objective whose pseudo-reward is the prebuilt g_k."""
+
+    needs_offline = False
+
+    def __init__(self, g):
+        self.g = g
+
+    def pseudo_reward(self, x_offline, lam, cond=None):
         if cond is not None:
             raise ValueError("fdc does not support conditional models (cond)")
-        u, d, model, ref = self.utility, self.divergence, self.model, self.reference
-        who_u, who_d = f"{u!r}.first_variation", f"{d!r}.first_variation"
-
-        def g(x, cond=None):
-            val = _checked(u.first_variation(x, model, x_offline), x, who_u)
-            if self.use_divergence:
-                dv = _checked(d.first_variation(x, model, ref, x_offline, self.reference_samples), x, who_d)
-                val = val - self.lam * dv
-            return val
-
-        # Probe on a few prior draws, so that a broken utility fails before any training.
-        gen = torch.Generator(device=model.device).manual_seed(0)
-        probe = model.prior(4, gen).requires_grad_(True)
-        (grad,) = torch.autograd.grad(g(probe).sum(), probe, allow_unused=True)
-        if grad is None:
-            raise ValueError(f"{who_u} is not differentiable in x; FDC needs its gradient")
-        if not torch.isfinite(grad).all():
-            raise ValueError(f"the gradient of {who_u} (− λ·{who_d}) has NaN or inf entries")
-        return g
+        return self.g
 
     def __repr__(self) -> str:
-        div = f" − {self.lam:g}·δD/δp of {self.divergence!r}" if self.use_divergence else ""
-        return f"FDC step {self.k + 1}: δF/δp of {self.utility!r}{div}"
+        return self.g.description
 
 
 def _evaluate(model: FlowModel, reference: FlowModel, utility, divergence, lam: float,
@@ -170,13 +206,19 @@ def _load_log(path: Path) -> list[dict]:
 
 def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_outer: int = 3, *,
         step: float | None = None, n_eval: int = 1000, eval_steps: int = 50, n_kl: int = 300,
-        out=None, resume: bool = False, progress: bool = True,
+        density: str = "tilts", score_eps: float = 0.02, out=None, resume: bool = False, progress: bool = True,
         callback: Callable | None = None, **kwargs) -> FlowModel:
     """Flow Density Control: fine-tune `model` toward argmax_p F(p) − λ·D(p‖p_model).
 
     utility: a utility (tiltflow.utilities), an objective (ExpectedReward, CVaR) or a reward.
     divergence: KL() (default), Renyi(alpha) or OT(p).
     step: mirror step γ; None picks 1/(λ + utility.curvature) (module docstring).
+    density: what stands for p_k inside first variations that need its density (entropy, KL,
+    Rényi): "tilts" (default) tracks log p_k = log p_pre + Σ_{j<k} γ g_j, exact if every inner
+    run reaches its tilt, and reads only the pretrained model's score; "model" reads the
+    fine-tuned model's own score at t = 1 − score_eps (the authors' code; unreliable near t = 1,
+    see utilities.model_score). Utility statistics (means, quantiles, moments) always come
+    from samples of the fine-tuned model.
     kwargs: FinetuneConfig fields of every inner Adjoint Matching run (iters, batch_size, steps,
     lr, init, seed, ...); outer iteration k uses seed + k.
     out / resume: run folder and continuation (module docstring). callback(k, record) after
@@ -189,7 +231,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     if not (hasattr(divergence, "first_variation") and hasattr(divergence, "value")):
         raise ValueError(f"divergence must be KL(), Renyi(alpha) or OT(p) (value and first_variation), "
                          f"got {type(divergence).__name__}")
-    cfg = FDCConfig(lam=lam, iters_outer=iters_outer, step=step, n_eval=n_eval, eval_steps=eval_steps, n_kl=n_kl)
+    cfg = FDCConfig(lam=lam, iters_outer=iters_outer, step=step, n_eval=n_eval, eval_steps=eval_steps,
+                    n_kl=n_kl, density=density, score_eps=score_eps)
     _validate(cfg)
     inner_fields = set(FinetuneConfig.__dataclass_fields__) - {"lam"}
     unknown = set(kwargs) - inner_fields
@@ -224,15 +267,10 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     if out is not None:
         run = ckpt.prepare_run(out, config_record, resume, resumable_keys=("iters_outer",))
         if resume:
-            done = 0
             for k in range(1, cfg.iters_outer + 1):
                 if (run / f"outer_{k:02d}" / "model.safetensors").is_file():
-                    done = k
-            if done > 0:
-                current = FlowModel.load(run / f"outer_{done:02d}" / "model.safetensors", device=device)
-                current.requires_grad_(False)
-            start = done
-            records = [r for r in _load_log(run / "log.jsonl") if r.get("outer", 1e9) <= done]
+                    start = k
+            records = [r for r in _load_log(run / "log.jsonl") if r.get("outer", 1e9) <= start]
         ckpt.atomic_write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if progress:
         print(f"tiltflow fdc: {config_record['utility']} − {cfg.lam:g}·{config_record['divergence']}  "
@@ -252,17 +290,37 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         if callback is not None:
             callback(k, rec)
 
+    tilts = []   # (γ, g_j) of the finished outer iterations
+
+    def linearise(k: int, model_k: FlowModel):
+        # Samples of p_k drawn as finetune would draw its offline batch (seed + k), so that a
+        # resumed run rebuilds exactly the same g_k.
+        needs = utility.needs_samples or (cfg.lam > 0 and k > 0 and getattr(divergence, "needs_samples", False))
+        samples = None
+        if needs:
+            gen = torch.Generator(device=device).manual_seed(seed + k)
+            samples = model_k.sample(inner.n_offline, steps=inner.steps, sde=True, generator=gen)
+        density_k = _TiltedDensity(reference, tilts, cfg.score_eps) if cfg.density == "tilts" else model_k
+        return _linearisation(utility, divergence, cfg.lam, density_k, reference, samples, ref_samples, k)
+
+    for j in range(start):       # resume: rebuild the tilts of the finished iterations
+        model_j = reference if j == 0 else FlowModel.load(run / f"outer_{j:02d}" / "model.safetensors", device=device)
+        tilts.append((gamma, linearise(j, model_j)))
+    if start > 0:
+        current = FlowModel.load(run / f"outer_{start:02d}" / "model.safetensors", device=device)
+        current.requires_grad_(False)
     if not any(r.get("outer") == start for r in records):
         log(start, current, {})
     inner_kwargs = {k: v for k, v in asdict(inner).items() if k not in ("lam", "seed", "init", "iters")}
     for k in range(start, cfg.iters_outer):
-        objective = _Linearisation(utility, divergence, cfg.lam, current, reference, ref_samples, k)
-        sub = None if run is None else run / f"outer_{k + 1:02d}"
         t0 = time.perf_counter()
-        current = finetune(current, objective, lam=1.0 / gamma, iters=inner.iters, out=sub,
+        g = linearise(k, current)
+        sub = None if run is None else run / f"outer_{k + 1:02d}"
+        current = finetune(current, _Fixed(g), lam=1.0 / gamma, iters=inner.iters, out=sub,
                            resume=bool(resume and sub is not None and (sub / "config.json").is_file()),
                            progress=progress, seed=seed + k, init=init0 if k == 0 else "copy",
                            trainable=trainable_later if k > 0 else None, **inner_kwargs)
+        tilts.append((gamma, g))
         log(k + 1, current, {"time_inner": time.perf_counter() - t0, "gamma": gamma})
 
     if run is not None:

@@ -1,0 +1,117 @@
+"""What does Flow Density Control do to a 2-D model for each utility, at what KL and what cost?
+
+The paper's illustrative setting at 2-D scale (research memo §4): the base is the exact flow of
+the 10:1 mixture N(0, I) + N((3, 3), 0.3²I) (GaussianMixtureVelocity, so the base is not under
+test), r(x) = x₁ + x₂ for the reward-based utilities. Each utility runs `fdc` with the KL to
+the base (and mean-variance also with W2² optimal transport):
+
+  entropy H(p) (λ = 1; optimum p_base^{1/2}) · mean-variance E r − ½·Var r (λ = 1) ·
+  left CVaR_0.1 of r, risk-averse (λ = 1; also the one-shot TFFT result, tiltflow.CVaR) ·
+  novelty −E log q_ref, q_ref a KDE (h = 1.5) of base samples (λ = 1) · kernel diversity
+  −E k(x, x') (h = 1, λ = 0.5, step 1) · D-optimal design log det E xxᵀ (λ = 4, step 1/8).
+
+Inner Adjoint Matching runs: residual MLP (64, 64) on the exact base, 200 iterations, batch
+256, 20 memoryless steps, lr 2e-3. Reported per run: the utility value F, KL(p‖p_base) by
+log-likelihoods (300 samples) and F − λ·D at every outer iteration k = 0..K on the same 2000
+ODE samples' noise, whether F increased at every k (up to Monte Carlo slack), and the wall
+time per outer iteration (inner run + evaluation), one thread.
+
+Writes results/fdc_utilities.json (the table) and results/fdc_<run>.png (base vs FDC result
+per run, with the reward's contours where there is one).
+
+    python benchmarks/fdc_utilities.py            # full (~6-10 min, one thread)
+    python benchmarks/fdc_utilities.py --quick    # smoke test (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+import tiltflow as tilt  # noqa: E402
+from tiltflow import plots  # noqa: E402
+from tiltflow.metrics import cvar  # noqa: E402
+
+NAME = "fdc_utilities"
+
+
+def base_model():
+    mix = tilt.toy2d.GaussianMixture.isotropic(weights=(10.0, 1.0), means=((0.0, 0.0), (3.0, 3.0)),
+                                               stds=(1.0, 0.3))
+    return tilt.FlowModel(tilt.GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
+
+
+def runs(base, reward):
+    ref = base.sample(2000, steps=50, seed=123)
+    return [  # name, utility, divergence, λ, K, mirror step γ (None: the default 1/(λ + c))
+        ("entropy", tilt.Entropy(), tilt.KL(), 1.0, 2, None),
+        ("mean_variance", tilt.MeanVariance(reward, kappa=0.5), tilt.KL(), 1.0, 3, None),
+        ("mean_variance_ot", tilt.MeanVariance(reward, kappa=0.5), tilt.OT(p=2), 1.0, 3, None),
+        ("cvar_left", tilt.CVaRUtility(reward, level=0.1, tail="left"), tilt.KL(), 1.0, 3, None),
+        # −log KDE grows like ‖x‖²/(2h²): the tilt is normalisable only for h²λ > 1
+        ("novelty", tilt.Novelty(ref, bandwidth=1.5), tilt.KL(), 1.0, 2, None),
+        # these two overshoot and oscillate at the default step 1/λ: half steps
+        ("diversity", tilt.KernelDiversity(bandwidth=1.0), tilt.KL(), 0.5, 3, 1.0),
+        ("design", tilt.ExperimentDesign(reg=1e-3), tilt.KL(), 4.0, 3, 0.125),
+    ]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    _common.setup_torch(1)
+    inner = dict(iters=200, batch_size=256, steps=20, lr=2e-3, residual_hidden=(64, 64), seed=0)
+    if args.quick:
+        inner.update(iters=20, batch_size=64, steps=10)
+    base, reward = base_model(), tilt.rewards.Linear([1.0, 1.0])
+    x_base = base.sample(2000, steps=50, seed=7)
+    table, rows = {}, []
+    for name, utility, divergence, lam, K, step in runs(base, reward):
+        if args.quick:
+            K = min(K, 2)
+        t0 = time.perf_counter()
+        logs = []
+        ft = tilt.fdc(base, utility, divergence, lam=lam, iters_outer=K, step=step, progress=False, n_eval=2000,
+                      n_kl=300, callback=lambda k, r: logs.append(r), **inner)
+        total = time.perf_counter() - t0
+        F = [r["utility"] for r in logs]
+        slack = 0.02 * (abs(F[-1] - F[0]) + 1e-3) + 0.01
+        entry = {"utility": repr(utility), "divergence": repr(divergence), "lam": lam, "K": K,
+                 "gamma": logs[-1]["gamma"], "per_outer": logs,
+                 "utility_base": F[0], "utility_final": F[-1], "kl_final": logs[-1]["kl"],
+                 "divergence_final": logs[-1]["divergence"], "objective_final": logs[-1]["objective"],
+                 "utility_increasing": all(b > a - slack for a, b in zip(F, F[1:])),
+                 "time_per_outer_s": sum(r["time_inner"] + r["time_eval"] for r in logs[1:]) / K,
+                 "time_total_s": total}
+        x_ft = ft.sample(2000, steps=50, seed=7)
+        if name == "cvar_left":   # the one-shot TFFT solution of the same problem
+            t1 = time.perf_counter()
+            tfft = tilt.finetune(base, tilt.CVaR(reward, level=0.1, tail="left"), lam=lam, progress=False, **inner)
+            entry["tfft_one_shot"] = {"cvar_left_10": cvar(reward(tfft.sample(2000, steps=50, seed=7)), 0.1, "left"),
+                                      "time_s": time.perf_counter() - t1}
+            entry["fdc_cvar_left_10"] = cvar(reward(x_ft), 0.1, "left")
+        table[name] = entry
+        density = reward if name in ("mean_variance", "mean_variance_ot", "cvar_left") else None
+        plots.plot_samples(_common.RESULTS / f"fdc_{name}.png", {"base": x_base, f"FDC, K = {K}": x_ft},
+                           title=f"{utility!r} − {lam:g}·{divergence!r}", density=density)
+        rows.append([name, K, F[0], F[-1], logs[-1]["kl"], logs[-1]["objective"], entry["utility_increasing"],
+                     entry["time_per_outer_s"]])
+        print(f"{name}: done in {total:.0f} s", flush=True)
+    _common.print_table(rows, ["run", "K", "F base", "F final", "KL", "F − λD", "F up", "s/outer"])
+    if "cvar_left" in table:
+        c = table["cvar_left"]
+        print(f"left CVaR_0.1 of r: FDC {c['fdc_cvar_left_10']:.3f}, one-shot TFFT {c['tfft_one_shot']['cvar_left_10']:.3f}")
+    _common.write_json(NAME, {"question": __doc__.splitlines()[0], "inner": inner, "quick": args.quick,
+                              "runs": table})
+
+
+if __name__ == "__main__":
+    main()
