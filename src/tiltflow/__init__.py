@@ -11,6 +11,9 @@ from .methods.finetune import FinetuneConfig, finetune
 from .methods.fdc import FDCConfig, fdc
 from .methods.gft import GFTConfig, gradual_finetune
 from .methods.pretrain import PretrainConfig, pretrain
+from .methods.sample_energy import EnergyConfig, EnergySampler, sample_energy
+from . import estimators
+from .estimators import crooks, jarzynski
 from .models import FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity
 from .objectives import CVaR, ExpectedReward, solve_threshold
 from .divergences import KL, OT, Renyi
@@ -28,4 +31,5 @@ __all__ = [
     "fdc", "FDCConfig", "KL", "Renyi", "OT", "ExpectedRewardUtility", "CVaRUtility", "MeanVariance",
     "Novelty", "Entropy", "KernelDiversity", "ExperimentDesign",
     "paths", "integrators", "metrics", "rewards", "tasks", "toy2d",
+    "sample_energy", "EnergyConfig", "EnergySampler", "estimators", "jarzynski", "crooks",
 ]

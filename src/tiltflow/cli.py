@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -93,6 +93,25 @@ def _int_tuple(text: str) -> tuple:
     return values
 
 
+def _optional_float(text: str):
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}")
+
+
+def _json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e.msg})")
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"key\": 1}}', got {text!r}")
+    return value
+
+
 def _optional_int(text: str):
     if text.lower() in ("none", "all"):
         return None
@@ -111,10 +130,13 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, skip=(), no_defaults: boo
         if f.name in skip:
             continue
         default = overrides.get(f.name, f.default)
+        if default is MISSING and f.default_factory is not MISSING:
+            default = f.default_factory()
         kind = (_int_tuple if isinstance(default, tuple) else
+                _json_dict if isinstance(default, dict) else
                 float if isinstance(default, float) else
                 int if isinstance(default, int) else
-                _optional_int if default is None else str)
+                (_optional_float if "float" in str(f.type) else _optional_int) if default is None else str)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind,
                        default=None if no_defaults else default, metavar=f.name.upper(),

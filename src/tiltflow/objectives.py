@@ -159,6 +159,11 @@ def cvar_pseudo_reward(
     beta = _check_level(level)
     _check_tail(tail)
     tau = _check_smoothing(smoothing)
+    if beta == 1.0:
+        # β = 1: CVaR is the mean and every η ≤ min r (right) / ≥ max r (left) is optimal; the
+        # hinge then equals r − η on the offline batch. Dropping it makes g = r − η everywhere,
+        # so fresh samples beyond the batch's range keep their gradient (the expected-reward tilt).
+        return r - eta
     z = r - eta if tail == "right" else eta - r
     hinge = torch.relu(z) if tau == 0.0 else tau * softplus(z / tau)
     return hinge / beta if tail == "right" else -hinge / beta

@@ -23,6 +23,7 @@ from ..models.flow_model import FlowModel, ResidualVelocity
 from ..models.mlp import MLPVelocity
 from ..objectives import ExpectedReward
 from ..solvers import adjoint_matching as am
+from ..solvers import get_solver
 from .. import integrators
 
 
@@ -40,6 +41,8 @@ class FinetuneConfig:
     init: str = "auto"               # "copy": train a copy of the base net; "residual": base + zero-init MLP; "auto": residual for vectors
     residual_hidden: tuple = (128, 128)
     scheme: str = "exponential"            # rollout and adjoint step (integrators.memoryless_step)
+    solver: str = "adjoint_matching" # loss: adjoint_matching, adjoint_sampling, *_score_matching, cmcd (solvers/)
+    solver_options: dict = field(default_factory=dict)  # keyword arguments of the solver (e.g. {"weights": False})
     n_offline: int = 4096            # base samples for the objective's stage 1 (CVaR threshold)
     checkpoint_every: int = 100
     seed: int = 0
@@ -59,6 +62,9 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"lr must be positive, got {cfg.lr}")
     if cfg.lr_final is not None and not 0 <= cfg.lr_final <= cfg.lr:
         raise ValueError(f"lr_final must be in [0, lr] or None, got {cfg.lr_final}")
+    from ..solvers import SOLVERS
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {list(SOLVERS)}, got {cfg.solver!r}")
     if cfg.init not in ("auto", "copy", "residual"):
         raise ValueError(f"init must be 'auto', 'copy' or 'residual', got {cfg.init!r}")
 
@@ -116,6 +122,9 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     if not params:
         raise ValueError("no trainable parameters (check `trainable` and `init`)")
     opt = torch.optim.Adam(params, lr=cfg.lr)
+    solver = get_solver(cfg.solver, **cfg.solver_options)
+    if solver is not None:
+        solver.check_base(base)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     grid = integrators.time_grid(cfg.steps, device=device)
 
@@ -154,14 +163,22 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * it / cfg.iters))
         ft.eval()
-        ro = am.rollout(ft, cfg.batch_size, grid, gen, cond, cfg.scheme)
-        t1 = time.perf_counter()
-        a1, g_val = am.terminal_adjoint(reward, ro.xs[-1], cfg.lam, cond)
-        adj = am.lean_adjoint(base, ro, a1, cfg.scheme)
-        t2 = time.perf_counter()
-        idx, w = am.loss_times(cfg.steps, cfg.n_loss_times, gen)
-        ft.train()
-        loss, kl = am.adjoint_matching_loss(ft, base, ro, adj, idx, w)
+        if solver is None:
+            ro = am.rollout(ft, cfg.batch_size, grid, gen, cond, cfg.scheme)
+            t1 = time.perf_counter()
+            a1, g_val = am.terminal_adjoint(reward, ro.xs[-1], cfg.lam, cond)
+            adj = am.lean_adjoint(base, ro, a1, cfg.scheme)
+            t2 = time.perf_counter()
+            idx, w = am.loss_times(cfg.steps, cfg.n_loss_times, gen)
+            ft.train()
+            loss, kl = am.adjoint_matching_loss(ft, base, ro, adj, idx, w)
+            x1 = ro.xs[-1]
+        else:  # the other losses: one batch of end points (or paths), then their regression
+            batch = solver.batch(ft, base, reward, cfg.lam, cfg.batch_size, grid, gen, cond)
+            t1 = t2 = time.perf_counter()
+            ft.train()
+            loss, kl = solver.loss(ft, base, batch, cfg.n_loss_times, gen, cond)
+            x1, g_val = batch.x1, batch.r
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
@@ -171,12 +188,12 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         t3 = time.perf_counter()
 
         with torch.no_grad():
-            r = raw_reward(ro.xs[-1], cond) if raw_reward is not reward else g_val
+            r = raw_reward(x1, cond) if raw_reward is not reward else g_val
         record = {"iter": it + 1, "loss": float(loss.detach()), "grad_norm": gnorm, "kl": kl,
                   **{f"reward_{k}": v for k, v in reward_summary(r.float()).items()},
                   "pseudo_reward_mean": float(g_val.mean()),
                   **({"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
-                  "diversity": mean_pairwise_distance(ro.xs[-1][:256]),
+                  "diversity": mean_pairwise_distance(x1[:256]),
                   "time_rollout": t1 - t0, "time_adjoint": t2 - t1, "time_loss": t3 - t2}
         bar.set_postfix(loss=f"{record['loss']:.3g}", r=f"{record['reward_mean']:.3g}", kl=f"{kl:.3g}")
         if run is not None:

@@ -1,0 +1,138 @@
+"""Energies E(x) for sampling exp(−E): 2-D Gaussian mixture (40 modes), many-well, DW-4, LJ-13.
+
+Each energy is a callable E(x) -> (batch,) for x: (batch, dim), with `dim`, `log_Z` (None when
+unknown) and, for particle systems, `n_particles`, `spatial_dim` and `project` (remove the centre
+of mass: the energies are translation invariant, so exp(−E) is only normalisable on the
+mean-free subspace, where samplers must live). `sample(n, generator)` draws exact samples where
+they exist (Gaussian mixture, many-well); DW-4 and LJ-13 reference samples come from long MCMC
+(benchmarks/energy_reference.py), never downloaded.
+
+Conventions follow the samplers literature (FAB, DEM, Adjoint Sampling): GMM-40 means uniform in
+[−40, 40]² from a fixed seed with unit variances (FAB uses softplus-scaled variances ≈ 1.3);
+many-well = d/2 copies of the double well log p(x1, x2) = −x1⁴ + 6x1² + ½x1 − ½x2²; DW-4 with
+a = 0, b = −4, c = 0.9, d0 = 4, τ = 1; LJ-13 with ε = r_m = τ = 1 plus the harmonic term
+½Σ‖x_i − x̄‖² of DEM.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def mean_free(n_particles: int, spatial_dim: int):
+    """x (batch, n·d) -> x with the centre of mass of the n particles removed."""
+    def project(x: torch.Tensor) -> torch.Tensor:
+        y = x.reshape(x.shape[0], n_particles, spatial_dim)
+        return (y - y.mean(1, keepdim=True)).reshape(x.shape)
+    return project
+
+
+class GaussianMixtureEnergy:
+    """E(x) = −log Σ_k π_k N(x; μ_k, s² I): normalised, log Z = 0, exact samples."""
+
+    def __init__(self, n_modes: int = 40, dim: int = 2, loc_scale: float = 40.0, std: float = 1.0, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.means = (torch.rand(n_modes, dim, generator=g, dtype=torch.float64) * 2 - 1) * loc_scale
+        self.std, self.dim, self.log_Z = float(std), dim, 0.0
+        self.name = f"gmm{n_modes}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        d2 = (x[:, None, :] - self.means.to(x)[None]).pow(2).sum(-1)               # (B, K)
+        logp = (torch.logsumexp(-0.5 * d2 / self.std**2, 1) - math.log(len(self.means))
+                - self.dim * (math.log(self.std) + 0.5 * math.log(2 * math.pi)))
+        return -logp
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        k = torch.randint(len(self.means), (n,), generator=generator)
+        return (self.means[k] + self.std * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)).float()
+
+
+class ManyWell:
+    """d/2 independent double wells: E(x) = Σ_j x_{2j}⁴ − 6x_{2j}² − ½x_{2j} + ½x_{2j+1}².
+
+    log Z = (d/2)·(log ∫e^{−E₁} + ½ log 2π) by 1-D quadrature; exact samples by inverse CDF.
+    """
+
+    def __init__(self, dim: int = 32):
+        if dim % 2:
+            raise ValueError(f"many-well dim must be even, got {dim}")
+        self.dim, self.name = dim, f"manywell{dim}"
+        self._grid = torch.linspace(-4.0, 4.0, 200001, dtype=torch.float64)
+        w = torch.exp(-self._e1(self._grid))
+        h = float(self._grid[1] - self._grid[0])
+        self._cdf = torch.cumsum(w, 0) * h
+        z1 = float(self._cdf[-1])
+        self.log_Z = dim / 2 * (math.log(z1) + 0.5 * math.log(2 * math.pi))
+
+    @staticmethod
+    def _e1(x):
+        return x**4 - 6 * x**2 - 0.5 * x
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (self._e1(x[:, 0::2]) + 0.5 * x[:, 1::2] ** 2).sum(1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        m = self.dim // 2
+        u = torch.rand(n * m, generator=generator, dtype=torch.float64) * self._cdf[-1]
+        x1 = self._grid[torch.searchsorted(self._cdf, u).clamp(max=len(self._grid) - 1)].reshape(n, m)
+        x2 = torch.randn(n, m, generator=generator, dtype=torch.float64)
+        return torch.stack([x1, x2], -1).reshape(n, self.dim).float()
+
+
+def _pair_distances(x: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """(batch, n·d) -> (batch, n(n−1)/2) distances of all particle pairs."""
+    y = x.reshape(x.shape[0], n, d)
+    i, j = torch.triu_indices(n, n, 1)
+    return (y[:, i] - y[:, j]).norm(dim=-1)
+
+
+class DoubleWellParticles:
+    """DW-4: E = (1/2τ) Σ_{i<j} a(d_ij − d0) + b(d_ij − d0)² + c(d_ij − d0)⁴, 4 particles in 2-D."""
+
+    def __init__(self, n_particles: int = 4, spatial_dim: int = 2, a: float = 0.0, b: float = -4.0,
+                 c: float = 0.9, d0: float = 4.0, tau: float = 1.0):
+        self.n_particles, self.spatial_dim, self.dim = n_particles, spatial_dim, n_particles * spatial_dim
+        self.a, self.b, self.c, self.d0, self.tau = a, b, c, d0, tau
+        self.project, self.log_Z, self.name = mean_free(n_particles, spatial_dim), None, f"dw{n_particles}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        r = _pair_distances(x, self.n_particles, self.spatial_dim) - self.d0
+        return (self.a * r + self.b * r**2 + self.c * r**4).sum(1) / (2 * self.tau)
+
+    def distances(self, x):
+        return _pair_distances(x, self.n_particles, self.spatial_dim)
+
+
+class LennardJones:
+    """LJ-13: E = (ε/2τ) Σ_{i<j} [(r_m/d)¹² − 2(r_m/d)⁶] + ½ Σ_i ‖x_i − x̄‖², 13 particles in 3-D.
+
+    Distances are floored at 0.5 r_m inside the repulsion (E there is already ≈ 4·10⁶) so that a
+    bad sample gives a large finite energy instead of inf.
+    """
+
+    def __init__(self, n_particles: int = 13, spatial_dim: int = 3, eps: float = 1.0, rm: float = 1.0,
+                 tau: float = 1.0, oscillator: float = 1.0):
+        self.n_particles, self.spatial_dim, self.dim = n_particles, spatial_dim, n_particles * spatial_dim
+        self.eps, self.rm, self.tau, self.oscillator = eps, rm, tau, oscillator
+        self.project, self.log_Z, self.name = mean_free(n_particles, spatial_dim), None, f"lj{n_particles}"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        d = _pair_distances(x, self.n_particles, self.spatial_dim).clamp_min(0.5 * self.rm)
+        q = (self.rm / d) ** 6
+        lj = (self.eps / (2 * self.tau)) * (q**2 - 2 * q).sum(1)
+        y = x.reshape(x.shape[0], self.n_particles, self.spatial_dim)
+        return lj + 0.5 * self.oscillator * (y - y.mean(1, keepdim=True)).pow(2).sum((1, 2))
+
+    def distances(self, x):
+        return _pair_distances(x, self.n_particles, self.spatial_dim)
+
+
+def get_energy(name: str):
+    """'gmm40', 'manywell' (32-D), 'dw4', 'lj13'."""
+    table = {"gmm40": GaussianMixtureEnergy, "manywell": ManyWell, "dw4": DoubleWellParticles,
+             "lj13": LennardJones}
+    if name not in table:
+        raise ValueError(f"energy must be one of {sorted(table)}, got {name!r}")
+    return table[name]()

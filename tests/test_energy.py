@@ -1,0 +1,97 @@
+"""Energies (closed forms) and the Adjoint Sampling energy sampler.
+
+Checks: the mixture energy is normalised (log Z = 0) and many-well's log Z matches brute-force
+quadrature; pair energies have their minima where the formulas put them (DW-4 at d0 ± sqrt(−b/2c),
+LJ at r_m); a short sampler run on a 4-mode mixture matches exact samples (energy distance) and
+puts the right mass in each mode; particle samplers stay mean-free and lower the energy.
+"""
+
+import math
+
+import pytest
+import torch
+
+from tiltflow.methods.sample_energy import sample_energy
+from tiltflow.metrics import energy_distance
+from tiltflow.tasks.energies import (DoubleWellParticles, GaussianMixtureEnergy, LennardJones, ManyWell,
+                                     get_energy)
+
+
+def test_mixture_energy_is_normalised():
+    """∫exp(−E) over a grid covering all modes (unit std, means in [−4, 4]²) = 1 to 1e-4."""
+    E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0)
+    g = torch.linspace(-12, 12, 801)
+    X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    Z = float(torch.exp(-E(X.double())).sum()) * float(g[1] - g[0]) ** 2
+    assert Z == pytest.approx(1.0, abs=1e-4)
+
+
+def test_many_well_log_z_and_samples():
+    """log Z of 2-D many-well by 2-D grid quadrature; exact samples have E[x1] from the 1-D law."""
+    E = ManyWell(dim=2)
+    g = torch.linspace(-6, 6, 1201, dtype=torch.float64)
+    X = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    Z = float(torch.exp(-E(X)).sum()) * float(g[1] - g[0]) ** 2
+    assert E.log_Z == pytest.approx(math.log(Z), abs=1e-4)
+    x = E.sample(50000, torch.Generator().manual_seed(0)).double()
+    w = torch.exp(-E(X))
+    m1 = float((w * X[:, 0]).sum() / w.sum())
+    assert float(x[:, 0].mean()) == pytest.approx(m1, abs=0.03)     # 3.5 standard errors
+    assert ManyWell(32).log_Z == pytest.approx(16 * math.log(Z), abs=1e-3)
+
+
+def test_pair_energy_minima_and_mean_free_projection():
+    dw = DoubleWellParticles(n_particles=2)
+    r = torch.linspace(0.5, 8, 20001, dtype=torch.float64)
+    x = torch.zeros(len(r), 4, dtype=torch.float64)
+    x[:, 0] = r                                    # two particles at distance r
+    e = dw(x)
+    # pair term b(d − d0)² + c(d − d0)⁴ has its (equal) minima at d0 ± sqrt(−b/(2c)) = 4 ± 1.49
+    assert min(abs(float(r[e.argmin()]) - (4 + k * math.sqrt(4 / 1.8))) for k in (-1, 1)) < 0.01
+    lj = LennardJones(n_particles=2, spatial_dim=3, oscillator=0.0)
+    y = torch.zeros(len(r), 6)
+    y[:, 0] = r
+    assert float(r[lj(y).argmin()]) == pytest.approx(1.0, abs=1e-3)
+    p = get_energy("lj13").project(torch.randn(5, 39))
+    assert p.reshape(5, 13, 3).mean(1).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="energy must be one of"):
+        get_energy("lj55")
+
+
+def test_sampler_matches_a_four_mode_mixture():
+    """Adjoint Sampling + replay buffer, 1500 gradient steps (~8 s). Energy distance of the untrained
+    prior N(0, 16 I) to exact samples is ~0.9 and of a 600-step run 0.15 (measured)."""
+    E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0, std=1.0, seed=0)
+    s = sample_energy(E, 2, prior_scale=4.0, epochs=150, batches_per_epoch=10, lr=2e-3, progress=False)
+    x = s.sample(4000, seed=1)
+    ref = E.sample(4000, torch.Generator().manual_seed(0))
+    ed = energy_distance(x, ref)
+    # two of the modes overlap, so compare nearest-mode fractions with the exact sample's
+    frac = torch.bincount(torch.cdist(x.double(), E.means).argmin(1), minlength=4).double() / len(x)
+    ref_frac = torch.bincount(torch.cdist(ref.double(), E.means).argmin(1), minlength=4).double() / len(ref)
+    print("energy distance", ed, "mode fractions", frac.tolist(), "exact", ref_frac.tolist())
+    assert ed < 0.1
+    assert (frac - ref_frac).abs().max() < 0.05
+
+
+def test_particle_sampler_is_mean_free_and_lowers_the_energy():
+    E = DoubleWellParticles()
+    s = sample_energy(E, E.dim, prior_scale=2.0, epochs=15, batches_per_epoch=10, lr=2e-3, progress=False)
+    x = s.sample(1000, seed=1)
+    assert x.reshape(-1, 4, 2).mean(1).abs().max() < 1e-5
+    from tiltflow.methods.sample_energy import gaussian_prior
+    from tiltflow import estimators
+    gen = torch.Generator().manual_seed(1)
+    xs, _ = estimators.path_rollout(gaussian_prior(8, 2.0), 1000, torch.linspace(0, 1, 51, dtype=torch.float64),
+                                    gen, project=E.project)
+    assert float(E(x).median()) < float(E(xs[-1].float()).median()) - 1.0
+
+
+def test_bad_arguments():
+    E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0)
+    with pytest.raises(ValueError, match="dim must be"):
+        sample_energy(E, 0)
+    with pytest.raises(ValueError, match="unknown sample_energy options"):
+        sample_energy(E, 2, epoch=3)
+    with pytest.raises(ValueError, match="prior_scale"):
+        sample_energy(E, 2, prior_scale=-1.0)
