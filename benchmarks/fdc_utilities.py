@@ -54,6 +54,8 @@ def runs(base, reward):
         ("entropy", tilt.Entropy(), tilt.KL(), 1.0, 2, None),
         ("mean_variance", tilt.MeanVariance(reward, kappa=0.5), tilt.KL(), 1.0, 3, None),
         ("mean_variance_ot", tilt.MeanVariance(reward, kappa=0.5), tilt.OT(p=2), 1.0, 3, None),
+        # at the default step 1/λ the Rényi-½ run jumps far out at outer iteration 2 (KL 7): half steps
+        ("mean_variance_renyi", tilt.MeanVariance(reward, kappa=0.5), tilt.Renyi(alpha=0.5), 1.0, 4, 0.5),
         ("cvar_left", tilt.CVaRUtility(reward, level=0.1, tail="left"), tilt.KL(), 1.0, 3, None),
         # −log KDE grows like ‖x‖²/(2h²): the tilt is normalisable only for h²λ > 1
         ("novelty", tilt.Novelty(ref, bandwidth=1.5), tilt.KL(), 1.0, 2, None),

@@ -249,7 +249,7 @@ def figures(samples: dict, rewards: dict, reward, sens: dict, cfg: Config) -> No
         print("matplotlib missing: no PNG (pip install 'tiltflow[plot]')")
         return
     names = list(samples)
-    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 7.0))
+    fig, axes = plt.subplots(2, len(names), figsize=(3.6 * len(names), 7.4), constrained_layout=True)
     gx, gy = np.meshgrid(np.linspace(-4.5, 4.5, 100), np.linspace(-4, 4, 100))
     gz = reward(torch.as_tensor(np.stack([gx.ravel(), gy.ravel()], 1), dtype=torch.float32)).numpy().reshape(gx.shape)
     edges = np.linspace(-4.5, 5.5, 61)
@@ -264,8 +264,9 @@ def figures(samples: dict, rewards: dict, reward, sens: dict, cfg: Config) -> No
         for tail, ls in (("left", "--"), ("right", ":")):
             ax.axvline(cvar(rewards[n], cfg.level, tail), color="k", ls=ls, lw=1)
         ax.axvline(r.mean(), color="k", lw=1)
-        ax.set(xlabel="reward", title=f"mean {r.mean():.2f}, CVaR{cfg.level:g} L {cvar(rewards[n], cfg.level, 'left'):.2f}"
-                                       f" / R {cvar(rewards[n], cfg.level, 'right'):.2f}")
+        ax.set_xlabel("reward")
+        ax.set_title(f"mean {r.mean():.2f}\nCVaR{cfg.level:g} left {cvar(rewards[n], cfg.level, 'left'):.2f}"
+                     f" / right {cvar(rewards[n], cfg.level, 'right'):.2f}", fontsize=9)
     fig.suptitle(f"TFFT on the 2-D mixture, r = x₁ + 0.5 x₂, λ = {cfg.lam:g}, β = {cfg.level:g} "
                  "(solid: mean, dashed: left CVaR, dotted: right CVaR)", fontsize=10)
     _common.save_figure(fig, f"{NAME}_samples")
