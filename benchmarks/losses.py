@@ -2,7 +2,7 @@
 
 Tilt: base N(μ, Σ) (exact velocity), r = −½|x|², λ = 1, so p* = N(Σ'Σ⁻¹μ, Σ'), Σ' = (Σ⁻¹ + I)⁻¹.
 For each solver (adjoint_matching, adjoint_sampling, target/conditional/novel score matching,
-cmcd) `finetune` runs for each budget in ITERS (batch 256, 50 steps, lr 2e-3, every interior time
+cmcd, nets) `finetune` runs for each budget in ITERS (batch 256, 50 steps, lr 2e-3, every interior time
 in the loss) and we record the error of 20000 ODE samples — max |mean − mean*| and max |cov − cov*|
 — and the wall time. Then the gradient variance: tr Cov of the one-row gradient at fixed t for
 exact P* pairs (AM: along base rollouts with their lean adjoint), and its average over the
@@ -56,7 +56,7 @@ def gradvar_curves(times, n=96):
     a1 = x1 @ A
     out = {}
     for name in SOLVERS:
-        if name in ("adjoint_matching", "cmcd"):
+        if name in ("adjoint_matching", "cmcd", "nets"):   # not regressions on a score estimate T
             continue
         s, v = get_solver(name), []
         for tv in times:

@@ -11,18 +11,26 @@ Particle systems (energies with `project`): the prior, every velocity and every 
 projected onto the mean-free subspace, so samples have zero centre of mass. The network is a plain
 MLP on the flattened coordinates (not permutation-equivariant, unlike the paper's EGNN): it
 treats particles as labelled, which is correct but learns the symmetry only from data.
+
+Run folders (`out=`): config.json, log.jsonl (one record per epoch), checkpoints/ every
+`checkpoint_every` epochs (weights, optimiser, replay buffer and random streams, written
+atomically by checkpoint.py) and the final sampler in model.safetensors (`EnergySampler.load`).
+`resume=True` continues from the newest valid checkpoint; only `epochs` may change on resume.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import checkpoint as ckpt
 from .. import estimators
 from ..models.analytic import GaussianMixtureVelocity
 from ..models.flow_model import FlowModel
@@ -46,6 +54,7 @@ class EnergyConfig:
     hidden: tuple = (128, 128)
     grad_clip: float = 1.0
     energy_grad_clip: float | None = 100.0   # max norm of ∇E per sample (the paper clips scores too)
+    checkpoint_every: int = 20      # epochs between checkpoints of a run folder (out=)
     seed: int = 0
     device: str = "cpu"
 
@@ -70,6 +79,48 @@ class EnergySampler:
         return estimators.crooks(self.model, lambda x: -self.energy(x), n, steps or self.config.steps, seed,
                                  project=self.project)
 
+    def save(self, path) -> Path:
+        """Write the trained model (weights and architecture) to one safetensors file."""
+        return self.model.save(path)
+
+    @classmethod
+    def load(cls, path, energy: Callable, project: Callable | None = None, device=None) -> "EnergySampler":
+        """The sampler saved at `path` (model.safetensors of a run folder, or any `save` file) for
+        `energy`. Its EnergyConfig comes from the config.json beside it when there is one."""
+        model = FlowModel.load(path, device=device)
+        model.requires_grad_(False)
+        cfg_file = Path(path).with_name("config.json")
+        known = {f.name for f in fields(EnergyConfig)}
+        saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known}
+        history = []
+        log = Path(path).with_name("log.jsonl")
+        if log.is_file():
+            history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        return cls(model.eval(), energy, project if project is not None else getattr(energy, "project", None),
+                   EnergyConfig(**saved), history)
+
+
+class ReplayBuffer(torch.nn.Module):
+    """FIFO of end points X_1 and ã(1) with fixed storage (so checkpoints have fixed shapes):
+    the first `count` rows are filled, oldest first."""
+
+    def __init__(self, size: int, dim: int, device=None):
+        super().__init__()
+        self.register_buffer("x", torch.zeros(size, dim, device=device))
+        self.register_buffer("a", torch.zeros(size, dim, device=device))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long, device=device))
+
+    def add(self, x: torch.Tensor, a: torch.Tensor) -> None:
+        m, size = int(self.count), len(self.x)
+        x, a = torch.cat([self.x[:m], x])[-size:], torch.cat([self.a[:m], a])[-size:]
+        self.x[:len(x)], self.a[:len(a)] = x, a
+        self.count.fill_(len(x))
+
+    def sample(self, n: int, generator: torch.Generator):
+        idx = torch.randint(int(self.count), (n,), generator=generator, device=self.x.device)
+        return self.x[idx], self.a[idx]
+
 
 def gaussian_prior(dim: int, scale: float) -> FlowModel:
     """The base FlowModel: exact velocity of N(0, scale² I) data."""
@@ -90,12 +141,15 @@ def _energy_grad(energy, x, clip):
     return g, e.detach()
 
 
-def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None, progress: bool = True,
-                  callback: Callable | None = None, **kwargs) -> EnergySampler:
+def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None, out=None,
+                  resume: bool = False, progress: bool = True, callback: Callable | None = None,
+                  **kwargs) -> EnergySampler:
     """Train a sampler for exp(−energy(x)), x: (batch, dim); returns an EnergySampler.
 
     energy: callable (batch, dim) -> (batch,), differentiable. project: map onto the subspace the
     samples live in (defaults to `energy.project` if the energy has one, e.g. mean-free particles).
+    out: run folder (config.json, log.jsonl, checkpoints/, model.safetensors); resume: continue
+    from its newest valid checkpoint (the energy's `name` and every setting but `epochs` must match).
     kwargs: any EnergyConfig field. callback(epoch, record) after every epoch.
     """
     if not callable(energy):
@@ -108,7 +162,8 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
     cfg = EnergyConfig(**kwargs)
     if not cfg.prior_scale > 0:
         raise ValueError(f"prior_scale must be positive, got {cfg.prior_scale}")
-    for name in ("epochs", "samples_per_epoch", "batches_per_epoch", "batch_size", "buffer_size", "steps"):
+    for name in ("epochs", "samples_per_epoch", "batches_per_epoch", "batch_size", "buffer_size", "steps",
+                 "checkpoint_every"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
     if project is None:
@@ -123,12 +178,21 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
     grid = torch.linspace(0.0, 1.0, cfg.steps + 1, dtype=torch.float64)
     solver = AdjointSampling()
     s2 = cfg.prior_scale**2
-    buf_x = torch.empty(0, dim, device=device)
-    buf_a = torch.empty(0, dim, device=device)
-    history = []
+    buffer = ReplayBuffer(cfg.buffer_size, dim, device)
+    history, start, run = [], 0, None
+    if out is not None:
+        record = {**asdict(cfg), "energy": getattr(energy, "name", type(energy).__name__), "dim": dim}
+        run = ckpt.prepare_run(out, record, resume, resumable_keys=("epochs",))
+        log = run / "log.jsonl"
+        meta = ckpt.load_latest(run, {"model": ft, "buffer": buffer}, opt, {"train": gen}) if resume else None
+        if meta is not None:
+            start = meta["step"]
+            history = [r for r in _read_log(log) if r["epoch"] <= start]
+        ckpt.atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in history))
     if progress:
         print("tiltflow sample_energy: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
-    bar = tqdm(range(cfg.epochs), disable=not progress, desc="sample_energy", dynamic_ncols=True)
+    bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress,
+               desc="sample_energy", dynamic_ncols=True)
     total_steps = cfg.epochs * cfg.batches_per_epoch
     for epoch in bar:
         t0 = time.perf_counter()
@@ -137,8 +201,7 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
         x1 = xs[-1].to(torch.get_default_dtype())
         gE, e = _energy_grad(energy, x1, cfg.energy_grad_clip)
         a1 = gE - x1 / s2                     # ã(1) = −∇g, g = −E − log N(0, s² I)
-        buf_x = torch.cat([buf_x, x1])[-cfg.buffer_size:]
-        buf_a = torch.cat([buf_a, a1])[-cfg.buffer_size:]
+        buffer.add(x1, a1)
         ft.train()
         losses = []
         for k in range(cfg.batches_per_epoch):
@@ -146,8 +209,7 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
             if cfg.lr_final is not None:
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / total_steps))
-            idx = torch.randint(len(buf_x), (cfg.batch_size,), generator=gen, device=device)
-            xb, ab = buf_x[idx], buf_a[idx]
+            xb, ab = buffer.sample(cfg.batch_size, gen)
             t = (1 + torch.randint(cfg.steps - 1, (cfg.batch_size,), generator=gen)).to(xb) / cfg.steps
             eps = torch.randn(xb.shape, generator=gen, device=device)
             if project is not None:
@@ -166,8 +228,27 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
                   "energy_median": float(e.median()), "time": time.perf_counter() - t0}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3g}", E=f"{record['energy_median']:.3g}")
+        if run is not None:
+            ckpt.append_jsonl(run / "log.jsonl", record)
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                ckpt.save_checkpoint(run, epoch + 1, {"model": ft, "buffer": buffer}, opt, {"train": gen})
         if callback is not None:
             callback(epoch + 1, record)
     ft.eval()
     ft.requires_grad_(False)
-    return EnergySampler(ft, energy, project, cfg, history)
+    sampler = EnergySampler(ft, energy, project, cfg, history)
+    if run is not None:
+        sampler.save(run / "model.safetensors")
+    return sampler
+
+
+def _read_log(path: Path) -> list:
+    """The records of a log.jsonl, stopping at a line cut short by a kill."""
+    records = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records

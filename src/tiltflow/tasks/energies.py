@@ -129,6 +129,16 @@ class LennardJones:
         return _pair_distances(x, self.n_particles, self.spatial_dim)
 
 
+# Sampler settings that work for each energy (`tiltflow sample-energy` defaults; benchmarks/energies.py):
+# the prior scale s should be about the target's spread.
+SAMPLER_DEFAULTS = {
+    "gmm40": dict(prior_scale=25.0, energy_grad_clip=100.0),
+    "manywell": dict(prior_scale=2.0),
+    "dw4": dict(prior_scale=2.0),
+    "lj13": dict(prior_scale=1.0, energy_grad_clip=50.0),
+}
+
+
 def get_energy(name: str):
     """'gmm40', 'manywell' (32-D), 'dw4', 'lj13'."""
     table = {"gmm40": GaussianMixtureEnergy, "manywell": ManyWell, "dw4": DoubleWellParticles,
