@@ -12,8 +12,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -33,6 +35,39 @@ def write_json(path: Path, obj) -> None:
 def append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record, default=float) + "\n")
+
+
+def truncate_jsonl(path: Path, key: str, step: int) -> None:
+    """Keep the records of `path` with record[key] <= step (and drop a half-written last line)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            break                      # a line cut by a kill: it and anything after are rewritten
+        if rec.get(key, 0) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def config_hash(config: dict, exclude=()) -> str:
+    """SHA-256 of the JSON of `config` without the keys in `exclude` (those may change on resume)."""
+    kept = {k: v for k, v in config.items() if k not in exclude}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
+    """A short SHA-256 of a module's weight names, shapes, dtypes and first `per_tensor` values:
+    cheap even for large models, and different for another model of the same architecture."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        head = t.detach().reshape(-1)[:per_tensor].cpu()
+        h.update((torch.view_as_real(head) if head.is_complex() else head).double().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def config_dict(cfg) -> dict:
@@ -92,22 +127,55 @@ def _unflatten_optimizer(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _global_rng_state() -> tuple[dict, dict]:
+    """Tensors and JSON of the global torch, CUDA, numpy and Python RNG states."""
+    tensors = {"rng.torch_global": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda_{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, internal, gauss_next = random.getstate()
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(internal), gauss_next]}
+    return tensors, meta
+
+
+def _set_global_rng_state(tensors: dict, meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch_global"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda_"))]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if "numpy" in meta and "rng.numpy_keys" in tensors:
+        kind, pos, has_gauss, gauss = meta["numpy"]
+        np.random.set_state((kind, tensors["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "python" in meta:
+        version, internal, gauss_next = meta["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+
+
 def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module],
-                    optimizer: torch.optim.Optimizer | None, generators: dict[str, torch.Generator],
-                    extra: dict | None = None, keep: int = 2) -> Path:
-    """Write checkpoints/step_{step}: module weights, optimizer, generator and torch RNG states."""
+                    optimizer: torch.optim.Optimizer | None,
+                    generators: dict[str, torch.Generator | torch.Tensor],
+                    extra: dict | None = None, keep: int = 2, config_hash: str | None = None) -> Path:
+    """Write checkpoints/step_{step}: module weights, optimizer, generators and global RNG states.
+
+    generators: name -> a torch.Generator or its state (a ByteTensor, e.g. gathered from
+    another process). config_hash: see `config_hash`; `load_latest` refuses a mismatch.
+    """
     ckdir = Path(out) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     tensors = {f"{name}.{k}": v.detach().contiguous().cpu()
                for name, m in modules.items() for k, v in m.state_dict().items()}
-    meta = {"step": step, "extra": extra or {}}
+    meta = {"step": step, "extra": extra or {}, "config_hash": config_hash}
     if optimizer is not None:
         opt_t, opt_meta = _flatten_optimizer(optimizer)
         tensors.update(opt_t)
         meta["optimizer"] = opt_meta
     for name, g in generators.items():
-        tensors[f"rng.{name}"] = g.get_state()
-    tensors["rng.torch_global"] = torch.get_rng_state()
+        tensors[f"rng.{name}"] = g if torch.is_tensor(g) else g.get_state()
+    rng_tensors, meta["rng"] = _global_rng_state()
+    tensors.update(rng_tensors)
     stem = ckdir / f"step_{step:08d}"
     tmp = stem.with_suffix(".safetensors.tmp")
     save_file(tensors, str(tmp))
@@ -121,26 +189,47 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module],
 
 
 def load_latest(out: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
-                generators: dict[str, torch.Generator], warn=print) -> dict | None:
-    """Restore the newest checkpoint that verifies; returns its metadata, or None if none exists."""
+                generators: dict[str, torch.Generator], warn=print, config_hash: str | None = None) -> dict | None:
+    """Restore the newest checkpoint that verifies; returns its metadata, or None if none exists.
+
+    A checkpoint whose tensor file is missing, truncated or altered (SHA-256 mismatch) is
+    reported through `warn` and the previous one is tried. A checkpoint of another run
+    (config_hash differs) or another model (different weight names or shapes) is a ValueError.
+    """
     ckdir = Path(out) / "checkpoints"
     for meta_path in sorted(ckdir.glob("step_*.json"), reverse=True):
         tpath = meta_path.with_suffix(".safetensors")
         try:
             meta = json.loads(meta_path.read_text())
             if not tpath.exists() or _sha256(tpath) != meta["sha256"]:
-                raise ValueError("checksum mismatch")
+                raise ValueError("SHA-256 checksum mismatch" if tpath.exists() else "tensor file missing")
             tensors = load_file(str(tpath))
         except (ValueError, KeyError, OSError) as e:
-            warn(f"warning: skipping corrupt checkpoint {meta_path.name}: {e}")
+            warn(f"warning: checkpoint {meta_path.name} is corrupt or incomplete ({e}); "
+                 "trying the previous one")
             continue
+        if config_hash is not None and meta.get("config_hash") not in (None, config_hash):
+            raise ValueError(f"checkpoint {meta_path} belongs to a run with another configuration "
+                             f"(config hash {meta['config_hash'][:12]}, this run {config_hash[:12]}); "
+                             "resume with the settings it was made with, or use another out folder")
         for name, m in modules.items():
             prefix = name + "."
-            m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            own = m.state_dict()
+            if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
+                wrong = sorted(set(state) ^ set(own)) or [k for k in own if state[k].shape != own[k].shape]
+                raise ValueError(f"checkpoint {meta_path} holds another model for {name!r} (mismatched "
+                                 f"weights {wrong[:4]}); resume with the model it was made from, or use "
+                                 "another out folder")
+            m.load_state_dict(state)
         if optimizer is not None and "optimizer" in meta:
             optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["optimizer"]))
         for name, g in generators.items():
+            if f"rng.{name}" not in tensors:
+                raise ValueError(f"checkpoint {meta_path} has no random stream {name!r}: it was written with "
+                                 f"{meta.get('extra', {}).get('shards', 1)} shards (processes × grad_accum); "
+                                 "resume with the same number of processes × grad_accum")
             g.set_state(tensors[f"rng.{name}"])
-        torch.set_rng_state(tensors["rng.torch_global"])
+        _set_global_rng_state(tensors, meta.get("rng", {}))
         return meta
     return None

@@ -1,4 +1,4 @@
-"""The `tiltflow` command: pretrain | finetune | gft | sample | evaluate | demo.
+"""The `tiltflow` command: pretrain | finetune | gft | fdc | sample-energy | sample | evaluate | demo.
 
 Each training command writes a run folder (config.json, log.jsonl, metrics.json,
 model.safetensors, checkpoints/, plots) and can be resumed with --resume. The flags of
@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from . import distributed
 from . import rewards as rewards_mod
 from .methods.finetune import FinetuneConfig, finetune
 from .methods import gft as gft_mod
 from .methods.gft import GFTConfig, gradual_finetune
 from .methods.fdc import FDCConfig, fdc
 from .methods.pretrain import PretrainConfig, pretrain
+from .methods.sample_energy import EnergyConfig, sample_energy
 from .metrics import energy_distance, mean_pairwise_distance, reward_summary
 from .models.flow_model import FlowModel
 from .objectives import CVaR, ExpectedReward
@@ -232,7 +234,8 @@ def _evaluate(model: FlowModel, reward, ev: EvalConfig, seed: int, base: FlowMod
 
 
 def _print_config(name: str, cfg) -> None:
-    print(f"tiltflow {name}: {cfg}")
+    if distributed.is_main():
+        print(f"tiltflow {name}: {cfg}")
 
 
 # --- pretrain --------------------------------------------------------------------------------
@@ -242,6 +245,8 @@ def _run_pretrain(task_name: str, out, cfg: dict, resume: bool, progress: bool) 
     if not progress:
         _print_config("pretrain", PretrainConfig(**cfg))
     model = pretrain(task, out=out, resume=resume, progress=progress, **cfg)
+    if not distributed.is_main():   # under torchrun only rank 0 writes and plots
+        return model
     out = Path(out)
     ckpt.write_json(out / RUN_INFO, {"command": "pretrain", "task": task_name})
     plots = _plots()
@@ -257,6 +262,8 @@ def _run_pretrain(task_name: str, out, cfg: dict, resume: bool, progress: bool) 
 def cmd_pretrain(args) -> int:
     cfg = _config_from(args, PretrainConfig)
     _run_pretrain(args.task, args.out, cfg, args.resume, not args.no_progress)
+    if not distributed.is_main():
+        return 0
     print(f"wrote {args.out}/: model.safetensors, metrics.json, log.jsonl, samples.png")
     return 0
 
@@ -286,6 +293,8 @@ def _run_finetune(base_run, out, reward_name: str, objective: str, level: float,
     if not progress:
         _print_config("finetune", FinetuneConfig(**cfg))
     ft = finetune(base, obj, out=out, resume=resume, progress=progress, **cfg)
+    if not distributed.is_main():   # under torchrun only rank 0 evaluates, writes and plots
+        return None
 
     out = Path(out)
     label = "expected reward" if objective == "expected" else f"{tail} CVaR (β = {level:g})"
@@ -349,6 +358,8 @@ def cmd_finetune(args) -> int:
     ev = EvalConfig(**_config_from(args, EvalConfig))
     res = _run_finetune(args.run, args.out, args.reward, args.objective, args.level, args.tail,
                         args.smoothing, cfg, ev, args.resume, not args.no_progress)
+    if res is None:
+        return 0
     _print_eval_table({"base": res["base"], "fine-tuned": res["finetuned"]})
     if "exact_tilt" in res:
         e = res["exact_tilt"]
@@ -548,6 +559,57 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+# --- sample-energy ---------------------------------------------------------------------------
+
+def cmd_sample_energy(args) -> int:
+    from .tasks.energies import SAMPLER_DEFAULTS, get_energy
+    energy = get_energy(args.energy)
+    given = {f.name: getattr(args, f.name) for f in fields(EnergyConfig) if getattr(args, f.name) is not None}
+    cfg = asdict(EnergyConfig(**{**SAMPLER_DEFAULTS[args.energy], **given}))
+    for name in ("n_samples", "n_eval"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    progress = not args.no_progress
+    if not progress:
+        _print_config("sample-energy", EnergyConfig(**cfg))
+    t0 = time.perf_counter()
+    sampler = sample_energy(energy, energy.dim, out=args.out, resume=args.resume, progress=progress, **cfg)
+    train_s = time.perf_counter() - t0
+    out, seed = Path(args.out), cfg["seed"] + EVAL_SEED_OFFSET
+    x = sampler.sample(args.n_samples, seed=seed).cpu()
+    import numpy as np
+    np.save(out / "samples.npy", x.numpy(), allow_pickle=False)
+    pw = sampler.log_Z(args.n_eval, seed=seed + 1)
+    with torch.no_grad():
+        e = energy(x.double())
+    metrics = {"energy": args.energy, "dim": energy.dim, "n_samples": args.n_samples,
+               "energy_mean": float(e.mean()), "energy_median": float(e.median()),
+               "crooks": pw.summary(), "log_Z": pw.log_Z, "ess_fraction": pw.ess_fraction,
+               "log_Z_exact": energy.log_Z, "train_s_this_call": train_s}
+    if energy.log_Z is not None:
+        metrics["log_Z_error"] = pw.log_Z - energy.log_Z
+    y = None
+    if hasattr(energy, "sample"):   # exact samples exist (gmm40, manywell)
+        g = torch.Generator().manual_seed(seed)
+        y, y2 = energy.sample(args.n_samples, g), energy.sample(args.n_samples, g)
+        metrics["energy_distance_to_exact"] = energy_distance(x[:2000], y[:2000])
+        metrics["energy_distance_noise_floor"] = energy_distance(y2[:2000], y[:2000])
+    ckpt.write_json(out / "metrics.json", metrics)
+    ckpt.write_json(out / RUN_INFO, {"command": "sample-energy", "energy": args.energy})
+    written = ["model.safetensors", "samples.npy", "metrics.json", "log.jsonl"]
+    plots = _plots() if energy.dim == 2 else None
+    if plots is not None:
+        panels = {"sampler": x} if y is None else {"exact": y, "sampler": x}
+        plots.plot_samples(out / "samples.png", panels, title=f"{args.energy}: Adjoint Sampling",
+                           density=lambda z: -energy(z), density_label="−E")
+        written.append("samples.png")
+    print(f"log Z (Crooks, {args.n_eval} paths) {pw.log_Z:.4f}" +
+          (f" (exact {energy.log_Z:.4f})" if energy.log_Z is not None else "") +
+          f"; ESS {pw.ess:.0f} ({100 * pw.ess_fraction:.1f} %); median energy {metrics['energy_median']:.3f}")
+    print(f"wrote {args.out}/: " + ", ".join(written))
+    return 0
+
+
 # --- demo ------------------------------------------------------------------------------------
 
 def cmd_demo(args) -> int:
@@ -650,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune a run's model toward a reward (expected or CVaR)",
                        description="Fine-tune the model of --run by Adjoint Matching; writes a run folder with "
                                    "before_after.png, training.png, reward_hist.png and an evaluation in metrics.json.")
-    s.add_argument("--run", required=True, help="run folder holding model.safetensors (e.g. runs/pre)")
+    s.add_argument("--run", "--base-run", dest="run", required=True,
+                   help="run folder holding model.safetensors (e.g. runs/pre); spell it --base-run under torchrun, "
+                        "whose parser takes --run for its own --run-path")
     s.add_argument("--reward", default="linear", help=f"one of: {rewards} (default: linear)")
     s.add_argument("--objective", default="expected", choices=("expected", "cvar"),
                    help="expected reward, or CVaR of the reward (tail-aware) (default: expected)")
@@ -684,7 +748,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Maximise F(p) − λ·D(p‖p_base) for the model of --run by a sequence of "
                                    "Adjoint Matching runs (one per outer iteration); writes a run folder with "
                                    "log.jsonl (utility, divergence, KL per outer iteration) and before_after.png.")
-    s.add_argument("--run", required=True, help="run folder holding model.safetensors (e.g. runs/pre)")
+    s.add_argument("--run", "--base-run", dest="run", required=True,
+                   help="run folder holding model.safetensors (e.g. runs/pre); --base-run under torchrun")
     s.add_argument("--utility", default="entropy",
                    help=f"one of: {', '.join(FDC_UTILITIES)} (default: entropy)")
     s.add_argument("--divergence", default="kl", help="kl, renyi or ot (W2² with POT potentials) (default: kl)")
@@ -731,6 +796,20 @@ def build_parser() -> argparse.ArgumentParser:
     _progress_flags(s)
     s.set_defaults(func=cmd_evaluate)
 
+    s = sub.add_parser("sample-energy", help="train a sampler for exp(−E) of gmm40, manywell, dw4 or lj13",
+                       description="Train a sampler for exp(−E) by Adjoint Sampling with a replay buffer; writes a "
+                                   "run folder with model.safetensors, samples.npy, metrics.json (log Z by the Crooks "
+                                   "estimator, ESS, energies) and samples.png for 2-D energies. Unset flags take the "
+                                   "energy's defaults (tasks/energies.py SAMPLER_DEFAULTS), then EnergyConfig's.")
+    s.add_argument("--energy", required=True, help="one of: gmm40, manywell, dw4, lj13")
+    _add_config_flags(s, EnergyConfig, no_defaults=True)
+    s.add_argument("--n-samples", type=int, default=2000, help="samples written to samples.npy (default: 2000)")
+    s.add_argument("--n-eval", type=int, default=2000, help="paths of the log Z / ESS estimate (default: 2000)")
+    s.add_argument("--out", default="runs/energy", help="run folder (default: runs/energy)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _progress_flags(s)
+    s.set_defaults(func=cmd_sample_energy)
+
     s = sub.add_parser("demo", help="the main job: pretrain, fine-tune three ways, compare",
                        description="Pretrain on the mixture task, fine-tune by expected reward and by left and "
                                    "right CVaR, write plots and summary.json, print a table.")
@@ -762,6 +841,8 @@ def main(argv=None) -> int:
         print(f"\ntiltflow {args.command}: interrupted; continue with the same command and --resume",
               file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()   # closes the process group opened under torchrun, if any
 
 
 if __name__ == "__main__":

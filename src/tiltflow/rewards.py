@@ -192,6 +192,9 @@ def check_reward(
             f"reward must return shape ({batch},) (one value per sample), got "
             f"{tuple(values.shape)}; reduce over all non-batch dimensions"
         )
+    if values.device != x.device:
+        raise ValueError(f"reward returned values on {values.device} for samples on {x.device}; "
+                         "compute the reward on the samples' device (move its parameters with .to(device))")
     bad = int((~torch.isfinite(values)).sum())
     if bad:
         raise ValueError(f"reward returned {bad} NaN or inf values out of {batch}")

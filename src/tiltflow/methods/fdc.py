@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from ..divergences import KL, log_ratio
 from ..models.flow_model import FlowModel
 from ..utilities import as_utility, model_score
@@ -264,14 +265,20 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
                      "divergence": repr(divergence), "base": reference.config()}
     run = None
     current, start, records = reference, 0, []
+    dist.setup()
+    main = dist.is_main()   # under torchrun: every process runs the loop, rank 0 alone writes
+    progress = progress and main
     if out is not None:
-        run = ckpt.prepare_run(out, config_record, resume, resumable_keys=("iters_outer",))
+        run = Path(out)
+        if main:
+            ckpt.prepare_run(out, config_record, resume, resumable_keys=("iters_outer",))
         if resume:
             for k in range(1, cfg.iters_outer + 1):
                 if (run / f"outer_{k:02d}" / "model.safetensors").is_file():
                     start = k
             records = [r for r in _load_log(run / "log.jsonl") if r.get("outer", 1e9) <= start]
-        ckpt.atomic_write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+        if main:
+            ckpt.atomic_write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if progress:
         print(f"tiltflow fdc: {config_record['utility']} − {cfg.lam:g}·{config_record['divergence']}  "
               + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()) + f" gamma={gamma:.4g}  inner: "
@@ -281,7 +288,7 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         rec = {"outer": k, **_evaluate(model_k, reference, utility, divergence, cfg.lam, cfg, seed,
                                        ref_samples, is_reference=(k == 0)), **extra}
         records.append(rec)
-        if run is not None:
+        if run is not None and main:
             ckpt.append_jsonl(run / "log.jsonl", rec)
         if progress:
             shown = " ".join(f"{key}={rec[key]:.4g}" for key in ("utility", "divergence", "objective", "kl")
@@ -323,7 +330,7 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         tilts.append((gamma, g))
         log(k + 1, current, {"time_inner": time.perf_counter() - t0, "gamma": gamma})
 
-    if run is not None:
+    if run is not None and main:
         current.save(run / "model.safetensors")
         ckpt.write_json(run / "metrics.json", {"final": records[-1], "outer": records, "gamma": gamma})
     return current

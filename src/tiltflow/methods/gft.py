@@ -56,6 +56,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from ..metrics import energy_distance
 from ..models.flow_model import FlowModel
 from ..paths import AffinePath
@@ -414,6 +415,9 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     if isinstance(cfg.residual_hidden, list):
         cfg.residual_hidden = tuple(cfg.residual_hidden)
     taus = _validate(cfg)
+    if dist.launched() or dist.active():
+        raise NotImplementedError("gradual_finetune does not run data parallel yet (its processes would all "
+                                  "write the run folder); run it as one process, without torchrun")
     if resume and out is None:
         raise ValueError("resume=True needs out, the run folder to resume from")
     target = check_target_samples(target_samples, model.shape)

@@ -14,7 +14,10 @@ unchanged, only the paths are straighter.
 
 All randomness (data minibatches, x0, t) comes from one CPU torch.Generator seeded by `seed`,
 which is checkpointed, so an interrupted and resumed run ends with the same weights as an
-uninterrupted one.
+uninterrupted one. With data parallel (torchrun; distributed.py) or grad_accum > 1 the global
+batch is cut into world_size × grad_accum equal micro-batches, micro-batch i drawn from its own
+generator seeded by distributed.shard_seed(seed, i) (shard 0 is the one-process stream), and
+the gradients are averaged over processes; OT coupling pairs within each micro-batch.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from ..metrics import energy_distance
 from ..models.flow_model import FlowModel
 from ..models.mlp import MLPVelocity
@@ -46,7 +50,8 @@ EVAL_ODE_STEPS = 50     # Heun steps of the evaluation samples
 class PretrainConfig:
     """Settings of one flow-matching pretraining run (printed and saved in the run folder)."""
     steps: int = 2000                  # optimiser steps (one minibatch each)
-    batch_size: int = 256
+    batch_size: int = 256              # minibatch per step, over all processes (the global batch)
+    grad_accum: int = 1                # micro-batches per process and step (gradient accumulation)
     lr: float = 1e-3                   # Adam learning rate (after warm-up)
     hidden: tuple = (256, 256, 256)    # widths of the MLP velocity network
     path: str | dict = "rectified"     # probability path: a name or AffinePath.config()
@@ -65,7 +70,7 @@ def _positive_int(name, v):
 
 
 def _validate(cfg: PretrainConfig):
-    for name in ("steps", "batch_size", "checkpoint_every"):
+    for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
         _positive_int(name, getattr(cfg, name))
     if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {cfg.lr!r}")
@@ -223,11 +228,11 @@ def cfm_loss(model: FlowModel, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tens
     return err.pow(2).reshape(err.shape[0], -1).sum(1).mean()
 
 
-def _minibatch(data: _Data, cfg: PretrainConfig, gen: torch.Generator, device):
-    """Draw (x0, x1, t, cond) in a fixed order from `gen`; x0 permuted by OT if asked."""
-    x1, c = data.draw(cfg.batch_size, gen)
+def _minibatch(data: _Data, cfg: PretrainConfig, n: int, gen: torch.Generator, device):
+    """Draw n (x0, x1, t, cond) in a fixed order from `gen`; x0 permuted by OT if asked."""
+    x1, c = data.draw(n, gen)
     x0 = torch.randn(x1.shape, generator=gen)
-    t = torch.rand(cfg.batch_size, generator=gen)
+    t = torch.rand(n, generator=gen)
     if cfg.coupling == "ot":
         x0 = x0[ot_pairing(x0, x1).cpu()]
     return x0.to(device), x1.to(device), t.to(device), (None if c is None else c.to(device))
@@ -250,7 +255,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
              hidden=(256, 256, 256), path="rectified", coupling: str = "independent",
              ema: float = 0.999, grad_clip: float = 1.0, seed: int = 0, device="cpu", out=None,
              resume: bool = False, progress: bool = True, checkpoint_every: int = 500,
-             lr_warmup: int = 0, cond=None) -> FlowModel:
+             lr_warmup: int = 0, grad_accum: int = 1, cond=None) -> FlowModel:
     """Train a FlowModel with an MLP velocity on `data` by conditional flow matching.
 
     data: a tensor (n, d) (minibatches drawn with replacement), an object with
@@ -261,6 +266,8 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
     path: "rectified", "vp", an AffinePath, or its config dict. coupling: "independent" or "ot".
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
       resume=True continues from its newest valid checkpoint (steps may be raised to train longer).
+    batch_size is the global batch; grad_accum splits each process's share into micro-batches.
+    Under torchrun every process trains the same model on its shard; only rank 0 writes `out`.
     Returns the exponential moving average of the weights as a FlowModel in eval mode without
     gradients.
     """
@@ -268,13 +275,21 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                          hidden=tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden,
                          path=path.config(), coupling=coupling, ema=ema, grad_clip=grad_clip, seed=seed,
-                         device=str(device), checkpoint_every=checkpoint_every, lr_warmup=lr_warmup)
+                         device=str(device), checkpoint_every=checkpoint_every, lr_warmup=lr_warmup,
+                         grad_accum=grad_accum)
     _validate(cfg)
     if resume and out is None:
         raise ValueError("resume=True needs out, the run folder to resume from")
     if cfg.coupling == "ot":
         _import_ot()
-    dev = torch.device(cfg.device)
+    world, rank = dist.setup()
+    main = rank == 0
+    shards = world * cfg.grad_accum
+    if cfg.batch_size % shards:
+        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {cfg.grad_accum}, "
+                         f"got {cfg.batch_size}; it is the global batch, split into equal micro-batches")
+    micro = cfg.batch_size // shards
+    dev = dist.device(cfg.device)
     source = _Data(data, cond, cfg.seed)
 
     # Initialise from `seed` without touching the caller's global RNG.
@@ -282,25 +297,35 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
         torch.manual_seed(cfg.seed)
         net = MLPVelocity(source.dims[0], cfg.hidden, cond_dim=source.cond_dim)
     model = FlowModel(net, path, source.dims).to(dev)
+    dist.broadcast_module(model)
     avg = model.copy()
     avg.requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)   # this process's shards
+    gens = {i: torch.Generator().manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
+    names = {i: "train" if i == 0 else f"train_{i}" for i in range(shards)}
 
     run, start = None, 0
-    record_cfg = {**asdict(cfg), "data": source.description, "cond_dim": source.cond_dim}
+    record_cfg = {**asdict(cfg), "data": source.description, "cond_dim": source.cond_dim, "shards": shards}
+    resumable = ("steps", "grad_accum")
+    chash = ckpt.config_hash(record_cfg, resumable)
     if out is not None:
-        run = ckpt.prepare_run(out, record_cfg, resume, resumable_keys=("steps",))
+        run = Path(out)
+        if main:
+            ckpt.prepare_run(out, record_cfg, resume, resumable_keys=resumable)
         log = run / "log.jsonl"
         if resume:
-            meta = ckpt.load_latest(run, {"model": model, "ema": avg}, opt, {"train": gen})
+            meta = ckpt.load_latest(run, {"model": model, "ema": avg}, opt, {names[i]: gens[i] for i in mine},
+                                    warn=print if main else (lambda msg: None), config_hash=chash)
             start = meta["step"] if meta is not None else 0
             if start > cfg.steps:
                 raise ValueError(f"cannot resume {run} with steps={cfg.steps}: its newest checkpoint is "
                                  f"at step {start}; pass steps >= {start}")
-            _truncate_log(log, start)
-        elif log.exists():
+            if main:
+                _truncate_log(log, start)
+        elif main and log.exists():
             log.unlink()
+    progress = progress and main
     if progress:
         print("tiltflow pretrain: " + " ".join(f"{k}={v}" for k, v in record_cfg.items()))
 
@@ -313,34 +338,42 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
         lr_now = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr_now
-        x0, x1, t, c = _minibatch(source, cfg, gen, dev)
-        loss = cfm_loss(model, x0, x1, t, c)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step + 1}; lower lr or standardise the data")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = 0.0
+        for i in mine:
+            x0, x1, t, c = _minibatch(source, cfg, micro, gens[i], dev)
+            loss = cfm_loss(model, x0, x1, t, c)
+            (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes below
+            loss_sum += float(loss.detach())
+        dist.average_gradients(list(model.parameters()))
         gnorm = float(torch.nn.utils.clip_grad_norm_(
             model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+        if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):   # before the step: no NaN weights
+            raise FloatingPointError(f"non-finite loss at step {step + 1}; lower lr or standardise the data")
         opt.step()
         _update_ema(avg, model, cfg.ema, step)
 
-        window_loss.append(float(loss.detach()))
+        window_loss.append(loss_sum / cfg.grad_accum)
         window_gnorm.append(gnorm)
         done = step + 1
         if done % LOG_EVERY == 0 or done == cfg.steps:
-            final_loss = sum(window_loss) / len(window_loss)
+            final_loss = dist.mean({"loss": sum(window_loss) / len(window_loss)})["loss"]   # over processes
             record = {"step": done, "loss": final_loss, "grad_norm": sum(window_gnorm) / len(window_gnorm),
                       "lr": lr_now}
             window_loss, window_gnorm = [], []
             bar.set_postfix(loss=f"{final_loss:.4g}")
-            if run is not None:
+            if run is not None and main:
                 ckpt.append_jsonl(log, record)
         if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            ckpt.save_checkpoint(run, done, {"model": model, "ema": avg}, opt, {"train": gen})
+            states = dist.gather_generator_states(gens)          # collective: every process
+            if main:
+                ckpt.save_checkpoint(run, done, {"model": model, "ema": avg}, opt,
+                                     {names[i]: s for i, s in states.items()},
+                                     extra={"shards": shards}, config_hash=chash)
     bar.close()
 
     avg.eval()
-    if run is not None:
+    if run is not None and main:
         avg.save(run / "model.safetensors")
         metrics = {"steps": cfg.steps, "final_loss": final_loss,
                    "train_time_s": time.perf_counter() - t_start, **_evaluate(avg, source, cfg)}
@@ -352,11 +385,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
 
 def _truncate_log(log: Path, step: int):
     """Drop log records after the checkpoint being resumed (they will be written again)."""
-    if not log.exists():
-        return
-    keep = [line for line in log.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    ckpt.atomic_write_text(log, "".join(line + "\n" for line in keep))
+    ckpt.truncate_jsonl(log, "step", step)
 
 
 @torch.no_grad()
