@@ -19,8 +19,9 @@ from safetensors.torch import load_file, save_file
 
 from tiltflow import distributed as dist
 from tiltflow.methods.finetune import finetune
+from tiltflow.methods.gft import gradual_finetune
 from tiltflow.methods.pretrain import pretrain
-from tiltflow.models import FlowModel, GaussianMixtureVelocity
+from tiltflow.models import FlowModel, GaussianMixtureVelocity, MLPVelocity
 from tiltflow.rewards import Linear
 from tiltflow.tasks.toy2d import get_task
 
@@ -115,3 +116,56 @@ def test_torchrun_runs_the_cli_finetune_on_gloo(tmp_path):
     assert {"model.safetensors", "metrics.json", "log.jsonl", "config.json"} <= names
     assert len((tmp_path / "ft" / "log.jsonl").read_text().splitlines()) == 4
     assert res.stdout.count("wrote ") == 1   # rank 0 alone reports
+
+
+# --- gradual_finetune ------------------------------------------------------------------------
+
+GFT = dict(stages=2, steps_per_stage=15, batch_size=64, n_pretrained=128, pretrained_steps=8,
+           checkpoint_every=10, coupling="ot", ema=0.9, seed=2, progress=False)
+
+
+def gft_base():
+    """A small MLP "pretrained" model (init="auto" fine-tunes a copy of its weights)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return FlowModel(MLPVelocity(2, (16, 16)))
+
+
+def gft_target():
+    return torch.randn(200, 2, generator=torch.Generator().manual_seed(4)) * 0.5 + torch.tensor([1.0, -1.0])
+
+
+def _gft_worker(rank: int, world: int, port: int, root: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    os.chdir(os.path.join(root, f"rank{rank}"))
+    g = gradual_finetune(gft_base(), gft_target(), out="gft", **GFT)
+    save_file({k: v.contiguous() for k, v in g.state_dict().items()}, os.path.join(root, f"gft{rank}.safetensors"))
+    dist.shutdown()
+
+
+def test_gradual_finetune_on_two_gloo_processes_equals_one_process_with_grad_accum_2(tmp_path):
+    for r in (0, 1):
+        (tmp_path / f"rank{r}").mkdir()
+    mp.spawn(_gft_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    w0 = load_file(str(tmp_path / "gft0.safetensors"))
+    w1 = load_file(str(tmp_path / "gft1.safetensors"))
+    assert w0.keys() == w1.keys()
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k                           # replicas bit-identical
+
+    # one process: the same pool shards, micro-batch streams and OT pairings, accumulated
+    one = gradual_finetune(gft_base(), gft_target(), grad_accum=2, **GFT).state_dict()
+    assert one.keys() == w0.keys()
+    for k, v in one.items():
+        torch.testing.assert_close(w0[k], v, atol=1e-6, rtol=0, msg=k)
+    base = gft_base().state_dict()
+    assert not torch.equal(one["net.body.0.weight"], base["net.body.0.weight"]), "nothing was trained"
+
+    # rank 0 alone wrote the run folder; its checkpoint holds both shards' streams
+    assert not any((tmp_path / "rank1").iterdir())
+    run = tmp_path / "rank0" / "gft"
+    assert {"model.safetensors", "metrics.json", "config.json", "log.jsonl"} <= {p.name for p in run.iterdir()}
+    ck = sorted((run / "checkpoints").glob("*.safetensors"))[-1]
+    assert {"rng.train", "rng.train_1"} <= set(load_file(str(ck)))

@@ -215,7 +215,66 @@ class VPDiffusion(AffinePath):
         return -self.alpha(t) * self.d_alpha(t) / self.beta(t).clamp_min(1e-12)
 
 
-PATHS = {"rectified": RectifiedFlow, "vp": VPDiffusion}
+class DiscreteVP(AffinePath):
+    """The discrete DDPM schedule of a diffusers scheduler (SD1.5: 1000 steps) in flow time.
+
+    diffusers noises data x1 at integer timestep k ∈ {0, …, N−1} as
+        x_k = sqrt(ᾱ_k) x1 + sqrt(1 − ᾱ_k) ε,   ᾱ_k = ∏_{i≤k} (1 − β_i)   (`alphas_cumprod`).
+    Flow time t ∈ [0, 1] maps to the continuous timestep τ(t) = (1 − t) N − 1 ∈ [−1, N − 1], and
+    log ᾱ is interpolated linearly in τ between the scheduler's values, with ᾱ(−1) = 1 added:
+        α_t = sqrt(ᾱ(τ(t))),   β_t = sqrt(1 − ᾱ(τ(t))).
+    So at t_k = 1 − (k + 1)/N the path is exactly the scheduler's x_k, one step of 1/N in t is one
+    training timestep, t = 1 is clean data (α = 1, β = 0), and t = 0 is the scheduler's last
+    timestep (α_0 = sqrt(ᾱ_{N−1}): 0.068 for SD1.5, not 0 — its training never saw pure noise).
+    Unlike VPDiffusion (a linear β(s) in continuous time) this reproduces any β schedule exactly
+    at the grid times; between them α, β are smooth in log ᾱ and α̇, β̇ are piecewise.
+    """
+
+    name = "discrete_vp"
+
+    def __init__(self, alphas_cumprod):
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).reshape(-1)
+        if ac.numel() < 2 or not bool(((ac > 0) & (ac < 1)).all()) or not bool((ac[1:] < ac[:-1]).all()):
+            raise ValueError("alphas_cumprod must be a strictly decreasing sequence in (0, 1) of length >= 2 "
+                             "(zero-terminal-SNR schedules with ᾱ = 0 at the last step are not supported)")
+        self.alphas_cumprod = [float(a) for a in ac]
+        # log ᾱ at τ = −1, 0, …, N − 1
+        self._log_ac = torch.cat([torch.zeros(1, dtype=torch.float64), ac.log()])
+        self.n_train = ac.numel()
+
+    def config(self) -> dict:
+        return {"name": self.name, "alphas_cumprod": self.alphas_cumprod}
+
+    def timestep(self, t):
+        """Continuous diffusers timestep τ(t) = (1 − t) N − 1 (t = 1 ↔ τ = −1, clean data)."""
+        return (1.0 - torch.as_tensor(t)) * self.n_train - 1.0
+
+    def _log_ac_and_slope(self, t):
+        t = torch.as_tensor(t)
+        dtype = t.dtype if t.is_floating_point() else torch.get_default_dtype()
+        table = self._log_ac.to(device=t.device, dtype=dtype)
+        tau1 = (self.timestep(t.to(dtype)) + 1.0).clamp(0.0, float(self.n_train))   # τ + 1 ∈ [0, N]
+        i = tau1.detach().floor().long().clamp(max=self.n_train - 1)
+        slope = table[i + 1] - table[i]                                              # d log ᾱ / dτ
+        return table[i] + (tau1 - i.to(dtype)) * slope, slope
+
+    def alpha(self, t):
+        return torch.exp(0.5 * self._log_ac_and_slope(t)[0])
+
+    def beta(self, t):
+        return torch.sqrt(-torch.expm1(self._log_ac_and_slope(t)[0]))
+
+    def d_alpha(self, t):
+        # dα/dt = α · ½ d log ᾱ/dτ · dτ/dt,  dτ/dt = −N
+        log_ac, slope = self._log_ac_and_slope(t)
+        return torch.exp(0.5 * log_ac) * 0.5 * slope * (-self.n_train)
+
+    def d_beta(self, t):
+        # β² = 1 − α² ⇒ β̇ = −α α̇ / β (singular at t = 1 where β = 0; callers clip)
+        return -self.alpha(t) * self.d_alpha(t) / self.beta(t).clamp_min(1e-12)
+
+
+PATHS = {"rectified": RectifiedFlow, "vp": VPDiffusion, "discrete_vp": DiscreteVP}
 
 
 def get_path(config: dict | str) -> AffinePath:

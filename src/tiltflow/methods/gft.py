@@ -41,6 +41,15 @@ The pretrained term always regresses on v_pre itself at points x_t = α_t x̃1 +
 pretrained path (x̃1 from a pool of `n_pretrained` pretrained ODE samples).
 
 Standard fine-tuning (continue flow matching on the target samples) is the schedule [0.0].
+
+Data parallel (torchrun / accelerate launch, distributed.py), as finetune and pretrain: the
+global batch `batch_size` is cut into processes × grad_accum micro-batches, micro-batch i drawn
+(target pairs, its coupling, pretrained-path points) from a generator seeded by
+distributed.shard_seed(seed, i); the pretrained pool is drawn shard by shard
+(shard_seed(seed + 1, i)) and gathered, so every process holds the same pool; gradients are
+averaged with one all_reduce before clipping, and rank 0 alone writes the run folder. Minibatch
+OT pairs within each micro-batch, so the result depends on processes × grad_accum, not on how
+it is split.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -103,7 +113,8 @@ class GFTConfig:
     coupling: str = "ot"             # conditional variant: independent, ot (exact minibatch OT) or sinkhorn
     sinkhorn_reg: float = 0.05       # entropic regularisation of sinkhorn, relative to the mean pair cost
     flow: str = "deterministic"      # deterministic (uniform t, ODE) or stochastic (Girsanov-weighted t, SDE)
-    batch_size: int = 256            # target pairs per step (and as many pretrained-path points)
+    batch_size: int = 256            # target pairs per step (and as many pretrained-path points), over all processes
+    grad_accum: int = 1              # micro-batches per process and step (gradient accumulation)
     lr: float = 5e-4                 # Adam learning rate
     n_pretrained: int = 4096         # pool of pretrained ODE samples x̃1 for the pretrained term
     pretrained_steps: int = 50       # Heun steps used to draw that pool
@@ -113,6 +124,7 @@ class GFTConfig:
     ema: float = 0.995               # decay of the weight average the returned model uses; 0 disables
     grad_clip: float = 1.0           # max global gradient norm; 0 disables clipping
     checkpoint_every: int = 250
+    max_nonfinite: int = 5           # stop after this many steps in a row skipped for a NaN/inf loss or gradient
     seed: int = 0
     device: str = "cpu"
 
@@ -163,7 +175,8 @@ def temperatures(cfg: GFTConfig) -> list[float]:
 
 def _validate(cfg: GFTConfig) -> list[float]:
     taus = temperatures(cfg)
-    for name in ("steps_per_stage", "batch_size", "n_pretrained", "pretrained_steps", "n_ref", "checkpoint_every"):
+    for name in ("steps_per_stage", "batch_size", "grad_accum", "n_pretrained", "pretrained_steps", "n_ref",
+                 "checkpoint_every", "max_nonfinite"):
         _positive_int(name, getattr(cfg, name))
     _number("lr", cfg.lr, 0.0, lo_open=True)
     _number("grad_clip", cfg.grad_clip, 0.0)
@@ -346,9 +359,10 @@ class TimeSampler:
 
 
 def draw_batch(target: torch.Tensor, pool: torch.Tensor, cfg: GFTConfig, times: TimeSampler,
-               gen: torch.Generator, path: AffinePath, device) -> dict:
-    """One minibatch, drawn in a fixed order from `gen` (so resumed runs repeat it exactly)."""
-    n = cfg.batch_size
+               gen: torch.Generator, path: AffinePath, device, n: int | None = None) -> dict:
+    """One (micro-)batch of n (default cfg.batch_size) pairs, drawn in a fixed order from `gen`
+    (so resumed runs repeat it exactly)."""
+    n = cfg.batch_size if n is None else n
     x1 = target[torch.randint(target.shape[0], (n,), generator=gen)]
     x0 = torch.randn(x1.shape, generator=gen)
     x0, x1 = pair(x0, x1, cfg.coupling, gen, cfg.sinkhorn_reg)
@@ -415,15 +429,19 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     if isinstance(cfg.residual_hidden, list):
         cfg.residual_hidden = tuple(cfg.residual_hidden)
     taus = _validate(cfg)
-    if dist.launched() or dist.active():
-        raise NotImplementedError("gradual_finetune does not run data parallel yet (its processes would all "
-                                  "write the run folder); run it as one process, without torchrun")
     if resume and out is None:
         raise ValueError("resume=True needs out, the run folder to resume from")
     target = check_target_samples(target_samples, model.shape)
     if cfg.coupling != "independent":
         _import_ot(cfg.coupling)
-    dev = torch.device(cfg.device)
+    world, rank = dist.setup()
+    main = rank == 0
+    shards = world * cfg.grad_accum
+    if cfg.batch_size % shards:
+        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {cfg.grad_accum}, "
+                         f"got {cfg.batch_size}; it is the global batch, split into equal micro-batches")
+    micro = cfg.batch_size // shards
+    dev = dist.device(cfg.device)
     total = len(taus) * cfg.steps_per_stage
 
     pretrained = model.copy().to(dev).eval()
@@ -433,62 +451,102 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     has_weights = any(True for _ in pretrained.net.parameters())
     init = cfg.init if cfg.init != "auto" else ("copy" if has_weights else "residual")
     ft = make_finetune_model(pretrained, init, cfg.residual_hidden, cfg.seed)
+    dist.broadcast_module(ft)
     avg = ft.copy() if cfg.ema > 0 else None
     if avg is not None:
         avg.requires_grad_(False)
     params = [p for p in ft.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)   # this process's shards
+    gens = {i: torch.Generator().manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
+    names = {i: "train" if i == 0 else f"train_{i}" for i in range(shards)}
     times = TimeSampler(pretrained.path, cfg.flow)
-    # the pretrained pool depends on the seed only, so a resumed run draws the same one
-    pool = pretrained.sample(cfg.n_pretrained, steps=cfg.pretrained_steps, seed=cfg.seed + 1).cpu()
+    # The pretrained pool depends on the seed and the number of shards only (a resumed run draws
+    # the same one): shard i draws its part from seed + 1 + i·2³², and the parts are gathered.
+    sizes = dist.shard_sizes(cfg.n_pretrained, shards)
+    parts = [pretrained.sample(sizes[i], steps=cfg.pretrained_steps, seed=dist.shard_seed(cfg.seed + 1, i)).cpu()
+             for i in mine if sizes[i] > 0]
+    pool = dist.all_gather(torch.cat(parts) if parts else torch.empty(0, *pretrained.shape))
 
-    run, start = None, 0
+    run, start, nonfinite_total = None, 0, 0
     record_cfg = {**asdict(cfg), "temperatures": taus, "total_steps": total,
-                  "target_samples": list(target.shape), "base": pretrained.config()}
+                  "target_samples": list(target.shape), "base": pretrained.config(), "shards": shards}
+    resumable = ("grad_accum",)
+    chash = ckpt.config_hash(record_cfg, resumable)
     modules = {"model": ft, **({"ema": avg} if avg is not None else {})}
     if out is not None:
-        run = ckpt.prepare_run(out, record_cfg, resume, resumable_keys=())
+        run = Path(out)
         log = run / "log.jsonl"
+        if main:
+            ckpt.prepare_run(out, record_cfg, resume, resumable_keys=resumable)
         if resume:
-            meta = ckpt.load_latest(run, modules, opt, {"train": gen})
-            start = meta["step"] if meta is not None else 0
-            _truncate_log(log, start)
-        elif log.exists():
+            meta = ckpt.load_latest(run, modules, opt, {names[i]: gens[i] for i in mine},
+                                    warn=print if main else (lambda msg: None), config_hash=chash)
+            if meta is not None:
+                start = meta["step"]
+                nonfinite_total = meta.get("extra", {}).get("nonfinite_total", 0)
+            if main:
+                _truncate_log(log, start)
+        elif main and log.exists():
             log.unlink()
+    progress = progress and main
     if progress:
-        print("tiltflow gft: " + " ".join(f"{k}={v}" for k, v in record_cfg.items() if k != "base"))
+        print("tiltflow gft: " + " ".join(f"{k}={v}" for k, v in record_cfg.items() if k != "base")
+              + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
 
     t_start = time.perf_counter()
     window: dict[str, list] = {"loss": [], "target_error": [], "pretrained_error": [], "grad_norm": []}
     record = {}
+    nonfinite_run = 0
     bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="gft", dynamic_ncols=True)
     ft.train()
     for step in bar:
         stage = step // cfg.steps_per_stage
         tau = taus[stage]
-        batch = draw_batch(target, pool, cfg, times, gen, ft.path, dev)
-        loss, e_tgt, e_pre = gft_loss(ft, pretrained, batch, tau)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step + 1} (τ = {tau:g}); lower lr or "
-                                     "standardise the target samples")
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = {"loss": 0.0, "target_error": 0.0, "pretrained_error": 0.0}
+        for i in mine:
+            batch = draw_batch(target, pool, cfg, times, gens[i], ft.path, dev, micro)
+            loss, e_tgt, e_pre = gft_loss(ft, pretrained, batch, tau)
+            (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes below
+            for k, v in (("loss", loss), ("target_error", e_tgt), ("pretrained_error", e_pre)):
+                sums[k] += float(v.detach()) / cfg.grad_accum
+        if not math.isfinite(sums["loss"]):
+            # a NaN gradient makes the averaged gradient NaN on every process: all skip alike
+            for p in params:
+                p.grad = torch.full_like(p, float("nan"))
+        dist.average_gradients(params)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        opt.step()
-        if avg is not None:
-            _update_ema(avg, ft, cfg.ema, step)
-        for k, v in (("loss", loss), ("target_error", e_tgt), ("pretrained_error", e_pre), ("grad_norm", gnorm)):
-            window[k].append(float(v.detach()) if torch.is_tensor(v) else float(v))
+        if not math.isfinite(gnorm):     # before the step: no NaN weights are written
+            nonfinite_run += 1
+            nonfinite_total += 1
+            if nonfinite_run >= cfg.max_nonfinite:
+                raise FloatingPointError(
+                    f"{nonfinite_run} steps in a row (up to {step + 1}, τ = {tau:g}) had a NaN or inf loss or "
+                    "gradient and were skipped; no weights were changed by them. Lower lr or standardise "
+                    "the target samples")
+        else:
+            nonfinite_run = 0
+            opt.step()
+            if avg is not None:
+                _update_ema(avg, ft, cfg.ema, step)
+            for k, v in sums.items():
+                window[k].append(v)
+            window["grad_norm"].append(gnorm)
         done = step + 1
         if run is not None and (done % cfg.checkpoint_every == 0 or done == total):
-            ckpt.save_checkpoint(run, done, modules, opt, {"train": gen})
+            states = dist.gather_generator_states(gens)          # collective: every process
+            if main:
+                ckpt.save_checkpoint(run, done, modules, opt, {names[i]: st for i, st in states.items()},
+                                     extra={"shards": shards, "nonfinite_total": nonfinite_total},
+                                     config_hash=chash)
         if done % LOG_EVERY == 0 or done % cfg.steps_per_stage == 0 or done == total:
-            record = {"step": done, "stage": stage, "tau": tau,
-                      **{k: sum(v) / len(v) for k, v in window.items()}}
+            local = {k: (sum(v) / len(v) if v else float("nan")) for k, v in window.items()}
+            record = {"step": done, "stage": stage, "tau": tau, **dist.mean(local),   # means over processes
+                      "nonfinite_skipped": nonfinite_total}
             window = {k: [] for k in window}
             bar.set_postfix(stage=stage, tau=f"{tau:.3g}", loss=f"{record['loss']:.4g}")
-            if run is not None:
+            if run is not None and main:
                 ckpt.append_jsonl(log, record)
             if callback is not None:
                 callback(done, record)
@@ -497,13 +555,14 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     result = avg if avg is not None else ft
     result.eval()
     result.requires_grad_(False)
-    if run is not None:
+    if run is not None and main:
         result.save(run / "model.safetensors")
         metrics = {"total_steps": total, "temperatures": taus, "final": record,
                    "train_time_s": time.perf_counter() - t_start, **evaluate(result, pretrained, target, cfg)}
         ckpt.write_json(run / "metrics.json", metrics)
         if progress:
             print("tiltflow gft: " + json.dumps(metrics))
+    dist.barrier()   # the run folder is complete before any process returns
     return result
 
 

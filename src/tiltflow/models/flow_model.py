@@ -50,8 +50,14 @@ def build_net(cfg: dict) -> nn.Module:
         return GaussianMixtureVelocity.from_config({"class": cls, **cfg})
     if cls == "ResidualVelocity":
         return ResidualVelocity(build_net(cfg["base"]), build_net(cfg["residual"]))
+    if cls == "EGNNVelocity":
+        from .egnn import EGNNVelocity
+        return EGNNVelocity(**cfg)
+    if cls in ("SD3Velocity", "UNetVelocity"):  # diffusers adapters; needs tiltflow[diffusers]
+        from .diffusers_adapter import build_adapter
+        return build_adapter({"class": cls, **cfg})
     raise ValueError(f"unknown network class {cls!r} in checkpoint; known: MLPVelocity, "
-                     "GaussianMixtureVelocity, ResidualVelocity")
+                     "GaussianMixtureVelocity, ResidualVelocity, EGNNVelocity, SD3Velocity, UNetVelocity")
 
 
 def _check_positive_int(name, value):
