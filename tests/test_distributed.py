@@ -21,6 +21,7 @@ from tiltflow import distributed as dist
 from tiltflow.methods.finetune import finetune
 from tiltflow.methods.gft import gradual_finetune
 from tiltflow.methods.pretrain import pretrain
+from tiltflow.methods.sample_energy import sample_energy
 from tiltflow.models import FlowModel, GaussianMixtureVelocity, MLPVelocity
 from tiltflow.rewards import Linear
 from tiltflow.tasks.toy2d import get_task
@@ -118,7 +119,7 @@ def test_torchrun_runs_the_cli_finetune_on_gloo(tmp_path):
     assert res.stdout.count("wrote ") == 1   # rank 0 alone reports
 
 
-# --- gradual_finetune ------------------------------------------------------------------------
+# --- gradual_finetune and sample_energy -----------------------------------------------------
 
 GFT = dict(stages=2, steps_per_stage=15, batch_size=64, n_pretrained=128, pretrained_steps=8,
            checkpoint_every=10, coupling="ot", ema=0.9, seed=2, progress=False)
@@ -135,17 +136,29 @@ def gft_target():
     return torch.randn(200, 2, generator=torch.Generator().manual_seed(4)) * 0.5 + torch.tensor([1.0, -1.0])
 
 
+SE = dict(epochs=3, samples_per_epoch=30, batches_per_epoch=4, batch_size=32, buffer_size=64, steps=8,
+          hidden=(16,), checkpoint_every=2, seed=5, progress=False)
+
+
+def quadratic_energy(x):
+    """E = ‖x − (1, −1)‖²: exp(−E) is N((1, −1), I/2)."""
+    return (x - torch.tensor([1.0, -1.0])).pow(2).sum(1)
+
+
 def _gft_worker(rank: int, world: int, port: int, root: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     os.chdir(os.path.join(root, f"rank{rank}"))
     g = gradual_finetune(gft_base(), gft_target(), out="gft", **GFT)
-    save_file({k: v.contiguous() for k, v in g.state_dict().items()}, os.path.join(root, f"gft{rank}.safetensors"))
+    se = sample_energy(quadratic_energy, 2, out="se", **SE).model
+    save_file({**{f"gft.{k}": v.contiguous() for k, v in g.state_dict().items()},
+               **{f"se.{k}": v.contiguous() for k, v in se.state_dict().items()}},
+              os.path.join(root, f"gft{rank}.safetensors"))
     dist.shutdown()
 
 
-def test_gradual_finetune_on_two_gloo_processes_equals_one_process_with_grad_accum_2(tmp_path):
+def test_gft_and_sample_energy_on_two_gloo_processes_equal_one_process_with_grad_accum_2(tmp_path):
     for r in (0, 1):
         (tmp_path / f"rank{r}").mkdir()
     mp.spawn(_gft_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
@@ -155,13 +168,17 @@ def test_gradual_finetune_on_two_gloo_processes_equals_one_process_with_grad_acc
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k                           # replicas bit-identical
 
-    # one process: the same pool shards, micro-batch streams and OT pairings, accumulated
-    one = gradual_finetune(gft_base(), gft_target(), grad_accum=2, **GFT).state_dict()
+    # one process: the same pool shards, rollout shards, micro-batch streams and OT pairings,
+    # accumulated; sample_energy's replay buffer holds the gathered rollouts in every process
+    g1 = gradual_finetune(gft_base(), gft_target(), grad_accum=2, **GFT)
+    se1 = sample_energy(quadratic_energy, 2, grad_accum=2, **SE).model
+    one = {**{f"gft.{k}": v for k, v in g1.state_dict().items()},
+           **{f"se.{k}": v for k, v in se1.state_dict().items()}}
     assert one.keys() == w0.keys()
     for k, v in one.items():
         torch.testing.assert_close(w0[k], v, atol=1e-6, rtol=0, msg=k)
     base = gft_base().state_dict()
-    assert not torch.equal(one["net.body.0.weight"], base["net.body.0.weight"]), "nothing was trained"
+    assert not torch.equal(one["gft.net.body.0.weight"], base["net.body.0.weight"]), "nothing was trained"
 
     # rank 0 alone wrote the run folder; its checkpoint holds both shards' streams
     assert not any((tmp_path / "rank1").iterdir())
@@ -169,3 +186,7 @@ def test_gradual_finetune_on_two_gloo_processes_equals_one_process_with_grad_acc
     assert {"model.safetensors", "metrics.json", "config.json", "log.jsonl"} <= {p.name for p in run.iterdir()}
     ck = sorted((run / "checkpoints").glob("*.safetensors"))[-1]
     assert {"rng.train", "rng.train_1"} <= set(load_file(str(ck)))
+    se_run = tmp_path / "rank0" / "se"
+    assert len((se_run / "log.jsonl").read_text().splitlines()) == SE["epochs"]
+    ck = load_file(str(sorted((se_run / "checkpoints").glob("*.safetensors"))[-1]))
+    assert {"rng.train", "rng.train_1"} <= set(ck)

@@ -7,6 +7,7 @@ equal to an uninterrupted run's, not merely close.
 """
 
 import json
+import math
 import os
 import random
 import shutil
@@ -27,6 +28,7 @@ from tiltflow.methods.fdc import fdc
 from tiltflow.methods.finetune import finetune
 from tiltflow.methods.gft import gradual_finetune
 from tiltflow.methods.pretrain import pretrain
+from tiltflow.methods.sample_energy import sample_energy
 from tiltflow.models import FlowModel, GaussianMixtureVelocity, MLPVelocity
 from tiltflow.objectives import CVaR, ExpectedReward
 from tiltflow.rewards import Linear
@@ -199,6 +201,27 @@ def test_non_finite_steps_are_skipped_and_counted_then_the_run_stops(tmp_path, m
         finetune(base, Linear(A_LIN), lam=1.0, iters=10, max_nonfinite=3, **TINY)
 
 
+def test_pretrain_skips_and_counts_non_finite_steps_then_stops(tmp_path, monkeypatch):
+    import tiltflow.methods.pretrain as ptm
+    data = torch.randn(64, 2)
+    kw = dict(batch_size=16, hidden=(8,), progress=False, checkpoint_every=2)
+
+    # a NaN loss at step 2 is skipped (no NaN weight, EMA untouched by it) and counted
+    monkeypatch.setattr(ptm, "MLPVelocity", lambda *a, **k: SometimesNaN({2}))
+    model = pretrain(data, 4, out=tmp_path / "a", **kw)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["nonfinite_skipped"] == 1 and math.isfinite(log[-1]["loss"])
+    ck = json.loads(sorted((tmp_path / "a" / "checkpoints").glob("step_*.json"))[-1].read_text())
+    assert ck["extra"]["nonfinite_total"] == 1
+    # NaN every time: stops after max_nonfinite steps in a row, saying why
+    monkeypatch.setattr(ptm, "MLPVelocity", lambda *a, **k: SometimesNaN(range(1, 100)))
+    with pytest.raises(FloatingPointError, match="3 steps in a row.*skipped"):
+        pretrain(data, 10, max_nonfinite=3, **kw)
+    with pytest.raises(ValueError, match="max_nonfinite"):
+        pretrain(data, 10, max_nonfinite=0, **kw)
+
+
 # ---------------------------------------------------------------- bad input, table-driven
 
 NAN_DATA = torch.randn(50, 2)
@@ -260,6 +283,60 @@ BAD_INPUTS = [
     ("empty target samples", lambda: gradual_finetune(gaussian_base(), torch.empty(0, 2), progress=False),
      ValueError, "target_samples"),
     ("fdc λ < 0", lambda: fdc(gaussian_base(), Entropy(), KL(), lam=-1.0, progress=False), ValueError, "lam"),
+    # shapes and dtypes
+    ("data of shape (n,)", lambda: pretrain(torch.randn(50), 2, progress=False), ValueError, "data"),
+    ("data of shape (n, d, 1)", lambda: pretrain(torch.randn(50, 2, 1), 2, progress=False), ValueError, "data"),
+    ("image-shaped data", lambda: pretrain(torch.randn(50, 1, 4, 4), 2, progress=False), ValueError, "data"),
+    ("integer data", lambda: pretrain(torch.randint(0, 9, (50, 2)), 2, progress=False), ValueError, "data"),
+    ("complex data", lambda: pretrain(torch.randn(50, 2, dtype=torch.complex64), 2, progress=False),
+     ValueError, "data"),
+    ("bool data", lambda: pretrain(torch.ones(50, 2, dtype=torch.bool), 2, progress=False), ValueError, "data"),
+    ("data from a sampler of shape (n,)", lambda: pretrain(lambda n, g: torch.randn(n, generator=g), 2,
+                                                         progress=False), ValueError, "data"),
+    ("cond of the wrong length", lambda: pretrain(torch.randn(50, 2), 2, cond=torch.randn(49, 1), progress=False),
+     ValueError, "cond"),
+    ("target samples of shape (n,)", lambda: gradual_finetune(gaussian_base(), torch.randn(50), progress=False),
+     ValueError, "target_samples"),
+    ("target samples of shape (n, d, 1)",
+     lambda: gradual_finetune(gaussian_base(), torch.randn(50, 2, 1), progress=False), ValueError, "target_samples"),
+    ("target samples of another dimension",
+     lambda: gradual_finetune(gaussian_base(), torch.randn(50, 3), progress=False), ValueError, "target_samples"),
+    ("integer target samples",
+     lambda: gradual_finetune(gaussian_base(), torch.randint(0, 9, (50, 2)), progress=False),
+     ValueError, "target_samples"),
+    ("complex target samples",
+     lambda: gradual_finetune(gaussian_base(), torch.randn(50, 2, dtype=torch.complex64), progress=False),
+     ValueError, "target_samples"),
+    ("log_prob x of shape (n,)", lambda: gaussian_base().log_prob(torch.randn(5), steps=2), ValueError, "x must"),
+    ("log_prob x of shape (n, d, 1)", lambda: gaussian_base().log_prob(torch.randn(5, 2, 1), steps=2),
+     ValueError, "x must"),
+    ("log_prob x of another dimension", lambda: gaussian_base().log_prob(torch.randn(5, 3), steps=2),
+     ValueError, "x must"),
+    ("log_prob integer x", lambda: gaussian_base().log_prob(torch.ones(5, 2, dtype=torch.long), steps=2),
+     ValueError, "x must"),
+    ("log_prob complex x", lambda: gaussian_base().log_prob(torch.randn(5, 2, dtype=torch.complex64), steps=2),
+     ValueError, "x must"),
+    ("log_prob x not a tensor", lambda: gaussian_base().log_prob([[0.0, 1.0]], steps=2), ValueError, "x must"),
+    ("sample n not an integer", lambda: gaussian_base().sample(2.5, steps=2), ValueError, "n must"),
+    ("sample n a shape", lambda: gaussian_base().sample((5, 2), steps=2), ValueError, "n must"),
+    ("sample cond of the wrong width",
+     lambda: FlowModel(MLPVelocity(2, (8,), cond_dim=2)).sample(4, steps=2, cond=torch.zeros(4, 3)),
+     ValueError, "cond"),
+    ("sample cond of the wrong batch",
+     lambda: FlowModel(MLPVelocity(2, (8,), cond_dim=2)).sample(4, steps=2, cond=torch.zeros(2)),
+     ValueError, "cond"),
+    ("sample_energy dim a shape", lambda: sample_energy(lambda x: x.pow(2).sum(1), (2,), progress=False),
+     ValueError, "dim"),
+    ("sample_energy dim True", lambda: sample_energy(lambda x: x.pow(2).sum(1), True, progress=False),
+     ValueError, "dim"),
+    ("sample_energy batch not divisible",
+     lambda: sample_energy(lambda x: x.pow(2).sum(1), 2, batch_size=15, grad_accum=2, progress=False),
+     ValueError, "batch_size"),
+    ("gft batch not divisible",
+     lambda: gradual_finetune(gaussian_base(), torch.randn(50, 2), batch_size=15, grad_accum=2, progress=False),
+     ValueError, "batch_size"),
+    ("gft max_nonfinite 0", lambda: gradual_finetune(gaussian_base(), torch.randn(50, 2), max_nonfinite=0,
+                                                     progress=False), ValueError, "max_nonfinite"),
     ("ExpectedReward not callable", lambda: ExpectedReward(3.0), ValueError, "reward"),
 ]
 

@@ -411,6 +411,8 @@ def cmd_gft(args) -> int:
     if not progress:
         _print_config("gft", GFTConfig(**cfg))
     ft = gradual_finetune(base, target, out=args.out, progress=progress, resume=args.resume, **cfg)
+    if not distributed.is_main():   # under torchrun only rank 0 writes and plots
+        return 0
     out = Path(args.out)
     ckpt.write_json(out / RUN_INFO, {"command": "gft", "base_run": str(args.run), "target": str(args.target),
                                      "task": _run_info(args.run).get("task")})
@@ -575,6 +577,8 @@ def cmd_sample_energy(args) -> int:
     t0 = time.perf_counter()
     sampler = sample_energy(energy, energy.dim, out=args.out, resume=args.resume, progress=progress, **cfg)
     train_s = time.perf_counter() - t0
+    if not distributed.is_main():   # under torchrun only rank 0 evaluates, writes and plots
+        return 0
     out, seed = Path(args.out), cfg["seed"] + EVAL_SEED_OFFSET
     x = sampler.sample(args.n_samples, seed=seed).cpu()
     import numpy as np

@@ -1,7 +1,7 @@
 """Data parallel training through torch.distributed: process group, rank, collectives, seeds.
 
-The training loops (methods/finetune.py, methods/pretrain.py) use these few helpers and nothing
-else of torch.distributed. Launched by `torchrun` (or `accelerate launch`, which sets the same
+The training loops (methods/finetune.py, pretrain.py, fdc.py, gft.py, sample_energy.py) use these
+few helpers and nothing else of torch.distributed. Launched by `torchrun` (or `accelerate launch`, which sets the same
 RANK / WORLD_SIZE / MASTER_ADDR variables), `setup()` opens the process group (NCCL with CUDA,
 gloo otherwise) unless the user's script already did; run as a plain process every helper is
 the identity and no collective is ever called.

@@ -212,8 +212,9 @@ def check_target_samples(x, shape: tuple) -> torch.Tensor:
                          f"got {tuple(x.shape)}")
     if x.shape[0] < 2:
         raise ValueError(f"target_samples needs at least 2 samples, got {x.shape[0]}")
-    if not x.is_floating_point():
-        x = x.float()
+    if not x.is_floating_point():     # integer, bool or complex
+        raise ValueError(f"target_samples must be a real floating-point tensor, got dtype {x.dtype}"
+                         + ("" if x.is_complex() else "; convert with .float()"))
     bad = int((~torch.isfinite(x)).reshape(x.shape[0], -1).any(dim=1).sum())
     if bad:
         raise ValueError(f"target_samples has {bad} of {x.shape[0]} rows with NaN or inf; drop or fix them")
@@ -415,6 +416,8 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
       resume=True continues from its newest valid checkpoint.
     callback(step, record) is called after each logged step.
+    batch_size is the global batch; grad_accum splits each process's share into micro-batches.
+    Under torchrun every process trains the same model on its shard; only rank 0 writes `out`.
     Returns a new FlowModel (the weight average if ema > 0) in eval mode without gradients.
     """
     if not isinstance(model, FlowModel):

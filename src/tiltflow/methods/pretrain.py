@@ -62,6 +62,7 @@ class PretrainConfig:
     device: str = "cpu"
     checkpoint_every: int = 500
     lr_warmup: int = 0                 # steps of linear learning-rate warm-up from 0
+    max_nonfinite: int = 5             # stop after this many steps in a row skipped for a NaN/inf loss or gradient
 
 
 def _positive_int(name, v):
@@ -70,7 +71,7 @@ def _positive_int(name, v):
 
 
 def _validate(cfg: PretrainConfig):
-    for name in ("steps", "batch_size", "checkpoint_every", "grad_accum"):
+    for name in ("steps", "batch_size", "checkpoint_every", "grad_accum", "max_nonfinite"):
         _positive_int(name, getattr(cfg, name))
     if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < math.inf:
         raise ValueError(f"lr must be a positive finite number, got {cfg.lr!r}")
@@ -91,6 +92,9 @@ def _validate(cfg: PretrainConfig):
 
 # --- data ------------------------------------------------------------------------------------
 
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
 def _check_batch(x, dims: tuple | None, what: str) -> torch.Tensor:
     """Validate a data tensor (n, d); `dims` is the expected (d,) or None to accept any."""
     if not isinstance(x, torch.Tensor):
@@ -100,16 +104,22 @@ def _check_batch(x, dims: tuple | None, what: str) -> torch.Tensor:
                          "use data[:, None] for 1-D data")
     if x.shape[0] == 0:
         raise ValueError(f"data is empty: {what} has shape {tuple(x.shape)}")
+    if x.ndim > 2 and all(s == 1 for s in x.shape[2:]):
+        raise ValueError(f"data must have shape (n, d), {what} has shape {tuple(x.shape)}; "
+                         f"drop the trailing axes of size 1 (data.reshape(len(data), -1))")
     if x.ndim > 2:
-        raise NotImplementedError(
-            f"data has shape {tuple(x.shape)}: image-shaped data needs a convolutional velocity "
-            "network, which pretrain does not provide yet; flatten to (n, d) to use the MLP")
+        raise ValueError(
+            f"data must have shape (n, d), {what} has shape {tuple(x.shape)}: image-shaped data needs a "
+            "convolutional velocity network, which pretrain does not provide yet; flatten to (n, d) to use the MLP")
+    if x.is_complex() or not (x.is_floating_point() or x.dtype in _INT_DTYPES):
+        raise ValueError(f"data must be a real floating-point tensor, {what} has dtype {x.dtype}")
+    if not x.is_floating_point():
+        raise ValueError(f"data must be a floating-point tensor, {what} has dtype {x.dtype}; convert with "
+                         ".float() (and standardise: integer codes are rarely the scale a flow should learn)")
     if x[0].numel() == 0:
         raise ValueError(f"data must have at least one feature, {what} has shape {tuple(x.shape)}")
     if dims is not None and tuple(x.shape[1:]) != dims:
         raise ValueError(f"data gave shape {tuple(x.shape)} ({what}), expected (n, {', '.join(map(str, dims))})")
-    if not x.is_floating_point():
-        x = x.float()
     bad = int((~torch.isfinite(x)).any(dim=1).sum())
     if bad:
         raise ValueError(f"data has {bad} of {x.shape[0]} rows with NaN or inf ({what})")
@@ -146,6 +156,8 @@ class _Data:
             if cond.ndim != 2 or cond.shape[0] != self.tensor.shape[0]:
                 raise ValueError(f"cond must have shape ({self.tensor.shape[0]}, cond_dim) to match data, "
                                  f"got {tuple(cond.shape)}; use cond[:, None] for one value per row")
+            if cond.is_complex() or cond.dtype == torch.bool:
+                raise ValueError(f"cond must be a real number tensor, got dtype {cond.dtype}")
             cond = cond.float() if not cond.is_floating_point() else cond
             bad = int((~torch.isfinite(cond)).any(dim=1).sum())
             if bad:
@@ -255,7 +267,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
              hidden=(256, 256, 256), path="rectified", coupling: str = "independent",
              ema: float = 0.999, grad_clip: float = 1.0, seed: int = 0, device="cpu", out=None,
              resume: bool = False, progress: bool = True, checkpoint_every: int = 500,
-             lr_warmup: int = 0, grad_accum: int = 1, cond=None) -> FlowModel:
+             lr_warmup: int = 0, grad_accum: int = 1, max_nonfinite: int = 5, cond=None) -> FlowModel:
     """Train a FlowModel with an MLP velocity on `data` by conditional flow matching.
 
     data: a tensor (n, d) (minibatches drawn with replacement), an object with
@@ -267,6 +279,9 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
       resume=True continues from its newest valid checkpoint (steps may be raised to train longer).
     batch_size is the global batch; grad_accum splits each process's share into micro-batches.
+    A step with a NaN or inf loss or gradient is skipped (no weight changes; counted as
+    `nonfinite_skipped` in the log); after `max_nonfinite` such steps in a row the run stops
+    with FloatingPointError.
     Under torchrun every process trains the same model on its shard; only rank 0 writes `out`.
     Returns the exponential moving average of the weights as a FlowModel in eval mode without
     gradients.
@@ -276,7 +291,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
                          hidden=tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden,
                          path=path.config(), coupling=coupling, ema=ema, grad_clip=grad_clip, seed=seed,
                          device=str(device), checkpoint_every=checkpoint_every, lr_warmup=lr_warmup,
-                         grad_accum=grad_accum)
+                         grad_accum=grad_accum, max_nonfinite=max_nonfinite)
     _validate(cfg)
     if resume and out is None:
         raise ValueError("resume=True needs out, the run folder to resume from")
@@ -305,7 +320,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
     gens = {i: torch.Generator().manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
     names = {i: "train" if i == 0 else f"train_{i}" for i in range(shards)}
 
-    run, start = None, 0
+    run, start, nonfinite_total = None, 0, 0
     record_cfg = {**asdict(cfg), "data": source.description, "cond_dim": source.cond_dim, "shards": shards}
     resumable = ("steps", "grad_accum")
     chash = ckpt.config_hash(record_cfg, resumable)
@@ -318,6 +333,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
             meta = ckpt.load_latest(run, {"model": model, "ema": avg}, opt, {names[i]: gens[i] for i in mine},
                                     warn=print if main else (lambda msg: None), config_hash=chash)
             start = meta["step"] if meta is not None else 0
+            nonfinite_total = meta.get("extra", {}).get("nonfinite_total", 0) if meta is not None else 0
             if start > cfg.steps:
                 raise ValueError(f"cannot resume {run} with steps={cfg.steps}: its newest checkpoint is "
                                  f"at step {start}; pass steps >= {start}")
@@ -331,6 +347,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
 
     t_start = time.perf_counter()
     window_loss, window_gnorm, final_loss = [], [], None
+    nonfinite_run = 0
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
                desc="pretrain", dynamic_ncols=True)
     model.train()
@@ -345,21 +362,33 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
             loss = cfm_loss(model, x0, x1, t, c)
             (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes below
             loss_sum += float(loss.detach())
+        if not math.isfinite(loss_sum):
+            # a NaN gradient makes the averaged gradient NaN on every process: all skip alike
+            for p in model.parameters():
+                p.grad = torch.full_like(p, float("nan"))
         dist.average_gradients(list(model.parameters()))
         gnorm = float(torch.nn.utils.clip_grad_norm_(
             model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        if not (math.isfinite(loss_sum) and math.isfinite(gnorm)):   # before the step: no NaN weights
-            raise FloatingPointError(f"non-finite loss at step {step + 1}; lower lr or standardise the data")
-        opt.step()
-        _update_ema(avg, model, cfg.ema, step)
-
-        window_loss.append(loss_sum / cfg.grad_accum)
-        window_gnorm.append(gnorm)
+        if not math.isfinite(gnorm):     # skip before the step: no NaN weights are written
+            nonfinite_run += 1
+            nonfinite_total += 1
+            if nonfinite_run >= cfg.max_nonfinite:
+                raise FloatingPointError(
+                    f"{nonfinite_run} steps in a row (up to {step + 1}) had a NaN or inf loss or gradient and "
+                    "were skipped; no weights were changed by them. Lower lr or standardise the data")
+        else:
+            nonfinite_run = 0
+            opt.step()
+            _update_ema(avg, model, cfg.ema, step)
+            window_loss.append(loss_sum / cfg.grad_accum)
+            window_gnorm.append(gnorm)
         done = step + 1
         if done % LOG_EVERY == 0 or done == cfg.steps:
-            final_loss = dist.mean({"loss": sum(window_loss) / len(window_loss)})["loss"]   # over processes
-            record = {"step": done, "loss": final_loss, "grad_norm": sum(window_gnorm) / len(window_gnorm),
-                      "lr": lr_now}
+            nan = float("nan")                 # a window of skipped steps only
+            final_loss = dist.mean({"loss": sum(window_loss) / len(window_loss) if window_loss else nan})["loss"]
+            record = {"step": done, "loss": final_loss,   # loss: mean over processes
+                      "grad_norm": sum(window_gnorm) / len(window_gnorm) if window_gnorm else nan,
+                      "lr": lr_now, "nonfinite_skipped": nonfinite_total}
             window_loss, window_gnorm = [], []
             bar.set_postfix(loss=f"{final_loss:.4g}")
             if run is not None and main:
@@ -369,7 +398,8 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
             if main:
                 ckpt.save_checkpoint(run, done, {"model": model, "ema": avg}, opt,
                                      {names[i]: s for i, s in states.items()},
-                                     extra={"shards": shards}, config_hash=chash)
+                                     extra={"shards": shards, "nonfinite_total": nonfinite_total},
+                                     config_hash=chash)
     bar.close()
 
     avg.eval()

@@ -16,6 +16,14 @@ Run folders (`out=`): config.json, log.jsonl (one record per epoch), checkpoints
 `checkpoint_every` epochs (weights, optimiser, replay buffer and random streams, written
 atomically by checkpoint.py) and the final sampler in model.safetensors (`EnergySampler.load`).
 `resume=True` continues from the newest valid checkpoint; only `epochs` may change on resume.
+
+Data parallel (torchrun / accelerate launch, distributed.py), as finetune: the rollout of
+`samples_per_epoch` paths and each gradient step's `batch_size` are cut into processes ×
+grad_accum shards, shard i drawing from a generator seeded by distributed.shard_seed(seed, i).
+Each process rolls out its shards and evaluates ∇E on them; the end points are gathered so the
+replay buffer is the same in every process (rank 0 checkpoints it); each micro-batch is drawn
+from that buffer with its shard's generator; gradients are averaged before clipping; rank 0
+alone writes the run folder.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
+from .. import distributed as dist
 from .. import estimators
 from ..models.analytic import GaussianMixtureVelocity
 from ..models.flow_model import FlowModel
@@ -44,9 +53,10 @@ class EnergyConfig:
     """Settings of one energy-sampler run."""
     prior_scale: float = 1.0        # s: base data N(0, s² I); should cover the target's spread
     epochs: int = 200               # rollouts (each adds samples_per_epoch end points to the buffer)
-    samples_per_epoch: int = 256
+    samples_per_epoch: int = 256    # rollout paths per epoch, over all processes
     batches_per_epoch: int = 20     # gradient steps per rollout
-    batch_size: int = 256
+    batch_size: int = 256           # replay samples per gradient step, over all processes (the global batch)
+    grad_accum: int = 1             # micro-batches per process and step (gradient accumulation)
     buffer_size: int = 8192         # FIFO capacity of (X_1, ∇E(X_1))
     steps: int = 50                 # memoryless-SDE steps per rollout (uniform grid)
     lr: float = 1e-3
@@ -154,7 +164,7 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
     """
     if not callable(energy):
         raise ValueError(f"energy must be callable, got {type(energy).__name__}")
-    if not isinstance(dim, int) or dim <= 0:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
     unknown = set(kwargs) - set(EnergyConfig.__dataclass_fields__)
     if unknown:
@@ -163,44 +173,72 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
     if not cfg.prior_scale > 0:
         raise ValueError(f"prior_scale must be positive, got {cfg.prior_scale}")
     for name in ("epochs", "samples_per_epoch", "batches_per_epoch", "batch_size", "buffer_size", "steps",
-                 "checkpoint_every"):
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
+                 "checkpoint_every", "grad_accum"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
     if project is None:
         project = getattr(energy, "project", None)
-    device = torch.device(cfg.device)
+    world, rank = dist.setup()
+    main = rank == 0
+    shards = world * cfg.grad_accum
+    if cfg.batch_size % shards:
+        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {cfg.grad_accum}, "
+                         f"got {cfg.batch_size}; it is the global batch, split into equal micro-batches")
+    micro = cfg.batch_size // shards
+    roll = dist.shard_sizes(cfg.samples_per_epoch, shards)     # rollout paths of each shard
+    device = dist.device(cfg.device)
     prior = gaussian_prior(dim, cfg.prior_scale).to(device).eval()
     prior.requires_grad_(False)
     ft = make_finetune_model(prior, "residual", cfg.hidden, cfg.seed)
+    dist.broadcast_module(ft)
     params = [p for p in ft.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)   # this process's shards
+    gens = {i: torch.Generator(device=device).manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
+    names = {i: "train" if i == 0 else f"train_{i}" for i in range(shards)}
     grid = torch.linspace(0.0, 1.0, cfg.steps + 1, dtype=torch.float64)
     solver = AdjointSampling()
     s2 = cfg.prior_scale**2
-    buffer = ReplayBuffer(cfg.buffer_size, dim, device)
+    buffer = ReplayBuffer(cfg.buffer_size, dim, device)     # the same in every process
     history, start, run = [], 0, None
     if out is not None:
-        record = {**asdict(cfg), "energy": getattr(energy, "name", type(energy).__name__), "dim": dim}
-        run = ckpt.prepare_run(out, record, resume, resumable_keys=("epochs",))
+        record = {**asdict(cfg), "energy": getattr(energy, "name", type(energy).__name__), "dim": dim,
+                  "shards": shards}
+        resumable = ("epochs", "grad_accum")
+        chash = ckpt.config_hash(record, resumable)
+        run = Path(out)
         log = run / "log.jsonl"
-        meta = ckpt.load_latest(run, {"model": ft, "buffer": buffer}, opt, {"train": gen}) if resume else None
+        if main:
+            ckpt.prepare_run(out, record, resume, resumable_keys=resumable)
+        meta = ckpt.load_latest(run, {"model": ft, "buffer": buffer}, opt, {names[i]: gens[i] for i in mine},
+                                warn=print if main else (lambda msg: None), config_hash=chash) if resume else None
         if meta is not None:
             start = meta["step"]
             history = [r for r in _read_log(log) if r["epoch"] <= start]
-        ckpt.atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in history))
+        dist.barrier()          # every process has read the log before rank 0 rewrites it
+        if main:
+            ckpt.atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in history))
+    progress = progress and main
     if progress:
-        print("tiltflow sample_energy: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()))
+        print("tiltflow sample_energy: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items())
+              + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
     bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress,
                desc="sample_energy", dynamic_ncols=True)
     total_steps = cfg.epochs * cfg.batches_per_epoch
     for epoch in bar:
         t0 = time.perf_counter()
         ft.eval()
-        xs, _ = estimators.path_rollout(ft, cfg.samples_per_epoch, grid, gen, project=project)
-        x1 = xs[-1].to(torch.get_default_dtype())
-        gE, e = _energy_grad(energy, x1, cfg.energy_grad_clip)
-        a1 = gE - x1 / s2                     # ã(1) = −∇g, g = −E − log N(0, s² I)
+        parts = []
+        for i in mine:          # each shard's rollout and ∇E, then the end points of all shards
+            if roll[i] == 0:
+                continue
+            xs, _ = estimators.path_rollout(ft, roll[i], grid, gens[i], project=project)
+            x1 = xs[-1].to(torch.get_default_dtype())
+            gE, e = _energy_grad(energy, x1, cfg.energy_grad_clip)
+            parts.append(torch.cat([x1, gE - x1 / s2, e[:, None].to(x1.dtype)], 1))   # ã(1) = −∇g
+        rows = dist.all_gather(torch.cat(parts) if parts else torch.empty(0, 2 * dim + 1, device=device))
+        x1, a1, e = rows[:, :dim], rows[:, dim:2 * dim], rows[:, 2 * dim]
         buffer.add(x1, a1)
         ft.train()
         losses = []
@@ -209,36 +247,51 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
             if cfg.lr_final is not None:
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / total_steps))
-            xb, ab = buffer.sample(cfg.batch_size, gen)
-            t = (1 + torch.randint(cfg.steps - 1, (cfg.batch_size,), generator=gen)).to(xb) / cfg.steps
-            eps = torch.randn(xb.shape, generator=gen, device=device)
-            if project is not None:
-                eps = project(eps)
-            x_t = t[:, None] * xb + (1 - t[:, None]) * eps      # bridge of the memoryless base
-            T = solver.target(prior, xb, ab, x_t, eps, t)
-            loss, _ = control_regression(ft, prior, x_t, t, T)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            if not torch.isfinite(loss):
+            loss_sum = 0.0
+            for i in mine:
+                gen = gens[i]
+                xb, ab = buffer.sample(micro, gen)
+                t = (1 + torch.randint(cfg.steps - 1, (micro,), generator=gen)).to(xb) / cfg.steps
+                eps = torch.randn(xb.shape, generator=gen, device=device)
+                if project is not None:
+                    eps = project(eps)
+                x_t = t[:, None] * xb + (1 - t[:, None]) * eps      # bridge of the memoryless base
+                T = solver.target(prior, xb, ab, x_t, eps, t)
+                loss, _ = control_regression(ft, prior, x_t, t, T)
+                (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes below
+                loss_sum += float(loss.detach()) / cfg.grad_accum
+            if not math.isfinite(loss_sum):    # NaN gradients: every process sees them after averaging
+                for p in params:
+                    p.grad = torch.full_like(p, float("nan"))
+            dist.average_gradients(params)
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            if not math.isfinite(gnorm):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}; lower lr or clip ∇E")
             opt.step()
-            losses.append(float(loss.detach()))
-        record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "energy_mean": float(e.mean()),
-                  "energy_median": float(e.median()), "time": time.perf_counter() - t0}
+            losses.append(loss_sum)
+        record = {"epoch": epoch + 1, "loss": dist.mean({"loss": sum(losses) / len(losses)})["loss"],
+                  "energy_mean": float(e.mean()), "energy_median": float(e.median()),
+                  "time": time.perf_counter() - t0}
         history.append(record)
         bar.set_postfix(loss=f"{record['loss']:.3g}", E=f"{record['energy_median']:.3g}")
         if run is not None:
-            ckpt.append_jsonl(run / "log.jsonl", record)
+            if main:
+                ckpt.append_jsonl(run / "log.jsonl", record)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                ckpt.save_checkpoint(run, epoch + 1, {"model": ft, "buffer": buffer}, opt, {"train": gen})
+                states = dist.gather_generator_states(gens)          # collective: every process
+                if main:
+                    ckpt.save_checkpoint(run, epoch + 1, {"model": ft, "buffer": buffer}, opt,
+                                         {names[i]: st for i, st in states.items()},
+                                         extra={"shards": shards}, config_hash=chash)
         if callback is not None:
             callback(epoch + 1, record)
     ft.eval()
     ft.requires_grad_(False)
     sampler = EnergySampler(ft, energy, project, cfg, history)
-    if run is not None:
+    if run is not None and main:
         sampler.save(run / "model.safetensors")
+    dist.barrier()   # the run folder is complete before any process returns
     return sampler
 
 

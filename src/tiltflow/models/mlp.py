@@ -55,5 +55,8 @@ class MLPVelocity(nn.Module):
         if self.cond_dim:
             if cond is None:
                 raise ValueError(f"this network expects cond of shape (batch, {self.cond_dim}), got None")
+            if not isinstance(cond, torch.Tensor) or tuple(cond.shape) != (x.shape[0], self.cond_dim):
+                raise ValueError(f"cond must have shape ({x.shape[0]}, {self.cond_dim}) (batch, cond_dim), "
+                                 f"got {tuple(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__}")
             parts.append(cond.to(x.dtype))
         return self.out(self.body(torch.cat(parts, dim=1)))
