@@ -14,7 +14,7 @@ from .methods.pretrain import PretrainConfig, pretrain
 from .methods.sample_energy import EnergyConfig, EnergySampler, sample_energy
 from . import estimators
 from .estimators import crooks, jarzynski
-from .models import FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity
+from .models import EGNNVelocity, FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity
 from .objectives import CVaR, ExpectedReward, solve_threshold
 from .divergences import KL, OT, Renyi
 from .utilities import (CVaRUtility, Entropy, ExpectedRewardUtility, ExperimentDesign, KernelDiversity,
@@ -24,7 +24,7 @@ from .tasks import toy2d
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlowModel", "MLPVelocity", "GaussianMixtureVelocity", "ResidualVelocity",
+    "FlowModel", "MLPVelocity", "GaussianMixtureVelocity", "ResidualVelocity", "EGNNVelocity",
     "pretrain", "PretrainConfig", "finetune", "FinetuneConfig",
     "gradual_finetune", "GFTConfig",
     "ExpectedReward", "CVaR", "solve_threshold",

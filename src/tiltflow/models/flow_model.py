@@ -131,8 +131,12 @@ class FlowModel(nn.Module):
         Hutchinson's estimator (n_samples Rademacher probes) otherwise.
         """
         _check_positive_int("steps", steps)
-        if tuple(x.shape[1:]) != self.shape:
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"x must be a tensor (n, {', '.join(map(str, self.shape))}), got {type(x).__name__}")
+        if x.ndim != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape:
             raise ValueError(f"x must have shape (n, {', '.join(map(str, self.shape))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a real floating-point tensor, got dtype {x.dtype}")
         if exact is None:
             exact = x[0].numel() <= 16
         gen = torch.Generator(device=x.device).manual_seed(seed)

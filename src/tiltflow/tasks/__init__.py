@@ -1,0 +1,3 @@
+"""Ready-made tasks: base data, rewards and metrics (toy2d, energies, molecules)."""
+
+from . import molecules

@@ -1,0 +1,116 @@
+"""E(3)-equivariant velocity for the atoms of one molecule (EGNN, Satorras et al. 2021).
+
+The molecular graph is part of the network: atom types embed the nodes and bond orders label
+the edges of a fully connected graph. Coordinates enter only through differences x_i − x_j, so
+
+    v(R x + a, t) = R v(x, t)  on the mean-free subspace (Σ_i x_i = 0),
+
+for every rotation or reflection R and translation a. Off that subspace the velocity also
+carries the centroid c = mean_i x_i to zero along the rectified-flow path x_t = t x_1 + (1 − t) x_0
+with mean-free data: the exact centroid velocity there is −c / (1 − t), so samples drawn from a
+full-space Gaussian prior end mean-free. The network uses −c / (1 − t + ε): its solution
+c(t) = c_0 (1 − t + ε)/(1 + ε) is linear in t, so Euler, midpoint and Heun steps integrate it
+exactly and c(1) = c_0 ε/(1 + ε) ≈ 1e-5 c_0 (with ε = 0, Heun's last step would evaluate 0/0).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .mlp import TimeEmbedding
+
+CENTROID_EPS = 1e-5      # ε of the centroid velocity −c / (1 − t + ε) (module docstring)
+N_BOND_KINDS = 5          # edge labels: 0 not bonded, 1 single, 2 double, 3 triple, 4 aromatic
+
+
+def _bond_kind(order: float) -> int:
+    return {1.0: 1, 2.0: 2, 3.0: 3, 1.5: 4}.get(float(order), 1)
+
+
+class _EGNNLayer(nn.Module):
+    """m_ij = φ_e(h_i, h_j, |x_ij|², a_ij);  x_i += Σ_j x_ij φ_x(m_ij) / (|x_ij| + 1);  h_i += φ_h(h_i, Σ_j m_ij)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.edge = nn.Sequential(nn.Linear(2 * hidden + 1 + N_BOND_KINDS, hidden), nn.SiLU(),
+                                  nn.Linear(hidden, hidden), nn.SiLU())
+        self.coord = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, h, x, edge_attr, mask):
+        # h: (B, N, H); x: (B, N, 3); edge_attr: (N, N, K); mask: (N, N) 1 off the diagonal
+        b, n, hid = h.shape
+        diff = x[:, :, None] - x[:, None, :]                                  # x_i − x_j: (B, N, N, 3)
+        d2 = diff.pow(2).sum(-1, keepdim=True)
+        e = torch.cat([h[:, :, None].expand(b, n, n, hid), h[:, None].expand(b, n, n, hid), d2,
+                       edge_attr.expand(b, n, n, -1)], dim=-1)
+        m = self.edge(e) * mask[..., None]
+        # normalising by |x_ij| + 1 keeps coordinate updates bounded when atoms are far apart;
+        # the 1e-12 keeps ∂|x_ii|/∂x finite on the (masked) diagonal, where 0·inf would give NaN
+        x = x + (diff * self.coord(m) / ((d2 + 1e-12).sqrt() + 1.0) * mask[..., None]).sum(2) / (n - 1)
+        h = h + self.node(torch.cat([h, m.sum(2) / (n - 1)], dim=-1))
+        return h, x
+
+
+class EGNNVelocity(nn.Module):
+    """v(x, t): x (batch, atoms * 3) in Å, t (batch,) -> (batch, atoms * 3), E(3)-equivariant.
+
+    atomic_numbers: (atoms,); bonds: (n_bonds, 2) atom indices; bond_orders: (n_bonds,) with
+    1, 2, 3 or 1.5 (aromatic). `cond` is not used: the graph is fixed at construction.
+    """
+
+    def __init__(self, atomic_numbers, bonds, bond_orders=None, hidden: int = 64, layers: int = 4,
+                 time_dim: int = 32):
+        super().__init__()
+        z = torch.as_tensor(atomic_numbers, dtype=torch.long).flatten()
+        bonds = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
+        n = z.shape[0]
+        if n < 2:
+            raise ValueError(f"an EGNN needs at least 2 atoms, got {n}")
+        if bonds.numel() and (bonds.min() < 0 or bonds.max() >= n):
+            raise ValueError(f"bonds must index atoms 0..{n - 1}, got values in [{int(bonds.min())}, {int(bonds.max())}]")
+        orders = torch.ones(bonds.shape[0]) if bond_orders is None else torch.as_tensor(bond_orders, dtype=torch.float32)
+        if orders.shape != (bonds.shape[0],):
+            raise ValueError(f"bond_orders must have shape ({bonds.shape[0]},), got {tuple(orders.shape)}")
+        self.n_atoms, self.dim = n, 3 * n
+        self.hidden, self.n_layers, self.time_dim = int(hidden), int(layers), int(time_dim)
+        self._graph = (z.tolist(), bonds.tolist(), orders.tolist())
+        elements = sorted(set(z.tolist()))
+        self.register_buffer("types", torch.tensor([elements.index(a) for a in z.tolist()]))
+        kind = torch.zeros(n, n, dtype=torch.long)
+        for (i, j), o in zip(bonds.tolist(), orders.tolist()):
+            kind[i, j] = kind[j, i] = _bond_kind(o)
+        self.register_buffer("edge_attr", nn.functional.one_hot(kind, N_BOND_KINDS).float())
+        self.register_buffer("mask", 1.0 - torch.eye(n))
+        self.embed_type = nn.Embedding(len(elements), self.hidden)
+        self.embed_time = TimeEmbedding(self.time_dim)
+        self.mix = nn.Linear(self.hidden + self.time_dim, self.hidden)
+        self.layers = nn.ModuleList(_EGNNLayer(self.hidden) for _ in range(self.n_layers))
+
+    @classmethod
+    def from_graph(cls, graph, **kwargs) -> "EGNNVelocity":
+        """From a `tiltflow.tasks.molecules.MolGraph` (task.graph)."""
+        return cls(graph.atomic_numbers, graph.bonds, graph.bond_orders, **kwargs)
+
+    def config(self) -> dict:
+        z, bonds, orders = self._graph
+        return {"class": "EGNNVelocity", "atomic_numbers": z, "bonds": bonds, "bond_orders": orders,
+                "hidden": self.hidden, "layers": self.n_layers, "time_dim": self.time_dim}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        b = x.shape[0]
+        pos = x.reshape(b, self.n_atoms, 3)
+        c = pos.mean(dim=1, keepdim=True)
+        pos = pos - c
+        h = self.embed_type(self.types).to(x.dtype).expand(b, -1, -1)
+        te = self.embed_time(t.to(x.dtype))[:, None].expand(b, self.n_atoms, -1)
+        h = self.mix(torch.cat([h, te], dim=-1))
+        y = pos
+        for layer in self.layers:
+            h, y = layer(h, y, self.edge_attr.to(x.dtype), self.mask.to(x.dtype))
+        v = y - pos
+        v = v - v.mean(dim=1, keepdim=True)
+        # exact centroid velocity of the rectified path with mean-free data (module docstring)
+        v = v - c / (1.0 - t.to(x.dtype) + CENTROID_EPS)[:, None, None]
+        return v.reshape(b, self.dim)

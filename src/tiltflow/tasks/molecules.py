@@ -1,0 +1,532 @@
+"""Conformer ensembles of one molecule, with RDKit force-field rewards and quality checks.
+
+    task = conformers("CCO", n=256, seed=0)       # ETKDG + MMFF94 relaxation, cached on disk
+    task.data                                      # (n, atoms * 3) float32, mean-free, Å
+    r = task.reward("mmff")                        # r(x) = −E_MMFF94(x) in kcal/mol, with ∇_x r
+    task.validity(x); task.diversity(x); task.write_sdf(x, "out.sdf")
+
+Coordinates carry explicit hydrogens, in the atom order of `task.mol`, and are centred on the
+unweighted mean of the atoms (the mean-free subspace an E(3)-equivariant flow runs in).
+RDKit molecules are the exchange type: `task.to_mol(x)` gives one Mol with a conformer per
+sample. RDKit is an optional dependency (`pip install 'tiltflow[mol]'`), imported on first use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+CACHE_VERSION = 1     # bump when the generation recipe changes, so old caches are not reused
+
+
+def _rdkit():
+    try:
+        import rdkit
+        from rdkit import Chem
+        from rdkit.Chem import AllChem
+    except ImportError as e:  # pragma: no cover - exercised only without rdkit
+        raise ImportError("tiltflow.tasks.molecules needs RDKit: pip install 'tiltflow[mol]'") from e
+    return rdkit, Chem, AllChem
+
+
+def nci_smiles(index: int = 0) -> str:
+    """SMILES number `index` of the NCI set that RDKit ships (Data/NCI/first_5K.smi; no download)."""
+    _, Chem, _ = _rdkit()
+    from rdkit import RDConfig
+    path = Path(RDConfig.RDDataDir) / "NCI" / "first_5K.smi"
+    lines = [ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()]
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(lines):
+        raise ValueError(f"index must be an integer in [0, {len(lines)}), got {index!r}")
+    return lines[index]
+
+
+def _read_molecule(source):
+    """An RDKit Mol (no hydrogens added yet) from a Mol, a SMILES string or a .smi/.sdf/.mol file."""
+    _, Chem, _ = _rdkit()
+    if isinstance(source, Chem.Mol):
+        return Chem.Mol(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"smiles_or_path must be a SMILES string, a file path or an RDKit Mol, "
+                         f"got {type(source).__name__}")
+    path = Path(source)
+    suffix = path.suffix.lower()
+    if suffix in (".sdf", ".mol", ".smi", ".smiles", ".txt"):
+        if not path.is_file():
+            raise ValueError(f"molecule file {str(path)!r} does not exist")
+        if suffix in (".sdf", ".mol"):
+            mol = next(iter(Chem.SDMolSupplier(str(path), removeHs=False)), None)
+        else:
+            first = next((ln.split()[0] for ln in path.read_text().splitlines() if ln.strip()), None)
+            mol = Chem.MolFromSmiles(first) if first else None
+        if mol is None:
+            raise ValueError(f"could not read a molecule from the first entry of {str(path)!r}")
+        return mol
+    mol = Chem.MolFromSmiles(str(source))
+    if mol is None:
+        raise ValueError(f"{str(source)!r} is neither a valid SMILES string nor a .smi/.sdf/.mol file")
+    return mol
+
+
+def _cache_dir(cache_dir) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    root = os.environ.get("TILTFLOW_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tiltflow")
+    return Path(root) / "molecules"
+
+
+@dataclass(frozen=True)
+class MolGraph:
+    """The molecular graph a conditional velocity network sees.
+
+    atomic_numbers: (atoms,) int64; bonds: (n_bonds, 2) int64 atom indices; bond_orders:
+    (n_bonds,) float32 (1, 1.5 aromatic, 2, 3). `types` maps each atom to an index into
+    `elements` (the sorted distinct atomic numbers), for one-hot embeddings.
+    """
+
+    atomic_numbers: torch.Tensor
+    bonds: torch.Tensor
+    bond_orders: torch.Tensor
+
+    @property
+    def num_atoms(self) -> int:
+        return int(self.atomic_numbers.shape[0])
+
+    @property
+    def elements(self) -> list[int]:
+        return sorted(set(self.atomic_numbers.tolist()))
+
+    @property
+    def types(self) -> torch.Tensor:
+        lookup = {z: i for i, z in enumerate(self.elements)}
+        return torch.tensor([lookup[z] for z in self.atomic_numbers.tolist()], dtype=torch.long)
+
+
+class _MMFFEnergy(torch.autograd.Function):
+    """E(x) for a batch of coordinates through RDKit's MMFF94; backward uses RDKit's analytic ∇E."""
+
+    @staticmethod
+    def forward(ctx, x, ff):
+        pos = x.detach().to("cpu", torch.float64).numpy()
+        e = np.empty(pos.shape[0])
+        g = np.empty_like(pos)
+        for b in range(pos.shape[0]):
+            p = pos[b].tolist()
+            e[b] = ff.CalcEnergy(p)
+            g[b] = ff.CalcGrad(p)
+        ctx.save_for_backward(torch.as_tensor(g, dtype=x.dtype, device=x.device))
+        return torch.as_tensor(e, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        return grad_out[:, None] * g, None
+
+
+class MMFFReward:
+    """r(x) = −E_MMFF94(x) / scale, E in kcal/mol; x: (batch, atoms * 3) or (batch, atoms, 3) in Å.
+
+    Differentiable: the gradient is RDKit's analytic MMFF gradient (kcal/mol/Å). Non-bonded
+    pairs are chosen once, at the reference conformer, within `nonbonded_cutoff` Å (RDKit's
+    default of 100 Å keeps every pair of a small molecule).
+    """
+
+    name = "mmff"
+
+    def __init__(self, mol, scale: float = 1.0, nonbonded_cutoff: float = 100.0):
+        _, Chem, AllChem = _rdkit()
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < math.inf:
+            raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        self.mol, self.scale = Chem.Mol(mol), float(scale)
+        props = AllChem.MMFFGetMoleculeProperties(self.mol)
+        if props is None:
+            raise ValueError("MMFF94 has no parameters for this molecule; use a torch reward on the "
+                             "coordinates instead (e.g. task.reward('rg'))")
+        self.ff = AllChem.MMFFGetMoleculeForceField(self.mol, props, nonBondedThresh=nonbonded_cutoff)
+        self.n_atoms = self.mol.GetNumAtoms()
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """E_MMFF94 in kcal/mol, (batch,), differentiable."""
+        return _MMFFEnergy.apply(_flat_coords(x, self.n_atoms), self.ff)
+
+    def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        return -self.energy(x) / self.scale
+
+    def __repr__(self) -> str:
+        return f"MMFFReward(scale={self.scale})"
+
+
+class RadiusOfGyration:
+    """r(x) = sign · R_g(x), R_g = sqrt(mean_i |x_i − x̄|²) over atoms (Å); sign −1 rewards compactness."""
+
+    name = "rg"
+
+    def __init__(self, n_atoms: int, sign: float = -1.0):
+        self.n_atoms, self.sign = n_atoms, float(sign)
+
+    def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        c = _flat_coords(x, self.n_atoms).reshape(x.shape[0], self.n_atoms, 3)
+        c = c - c.mean(dim=1, keepdim=True)
+        return self.sign * c.pow(2).sum(-1).mean(-1).clamp_min(1e-12).sqrt()
+
+    def __repr__(self) -> str:
+        return f"RadiusOfGyration(sign={self.sign})"
+
+
+class NoGradientReward:
+    """A score computed by RDKit on each conformer, without gradients: for evaluation only.
+
+    fn(mol) -> float receives an RDKit Mol holding one conformer. Calling it on coordinates that
+    require grad (as gradient-based solvers do) raises a ValueError naming the alternatives.
+    """
+
+    def __init__(self, task: "ConformerTask", fn, name: str | None = None):
+        self.task, self.fn = task, fn
+        self.name = name or getattr(fn, "__name__", "rdkit score")
+
+    def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+            raise ValueError(
+                f"reward {self.name!r} is computed by RDKit without gradients, but this solver needs "
+                "∇_x r. Use a differentiable reward instead: task.reward('mmff') (−MMFF94 energy), "
+                "task.reward('rg') (radius of gyration), or a reward written in torch operations on the "
+                "coordinates; or keep this score for evaluation (call it under torch.no_grad()) or with a "
+                "gradient-free method.")
+        mols = self.task.to_mol(x)
+        vals = [float(self.fn(_one_conformer(mols, i))) for i in range(x.shape[0])]
+        return torch.tensor(vals, dtype=x.dtype, device=x.device)
+
+
+def _one_conformer(mol, conf_id: int):
+    from rdkit import Chem
+    m = Chem.Mol(mol, confId=conf_id)
+    return m
+
+
+def _flat_coords(x, n_atoms: int) -> torch.Tensor:
+    """(batch, atoms * 3) or (batch, atoms, 3) -> (batch, atoms * 3); ValueError otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim < 2 or math.prod(x.shape[1:]) != 3 * n_atoms or (x.ndim == 3 and x.shape[2] != 3) or x.ndim > 3:
+        raise ValueError(f"x must have shape (batch, {3 * n_atoms}) or (batch, {n_atoms}, 3), "
+                         f"got {tuple(x.shape)}")
+    return x.reshape(x.shape[0], 3 * n_atoms)
+
+
+def kabsch_rmsd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """RMSD after optimal rotation and translation (Kabsch); x, y: (..., atoms, 3) -> (...,).
+
+    Proper rotations only (det +1): a mirror image is not superimposed onto its enantiomer.
+    """
+    x = x - x.mean(dim=-2, keepdim=True)
+    y = y - y.mean(dim=-2, keepdim=True)
+    h = x.transpose(-1, -2) @ y                                     # (..., 3, 3)
+    u, s, vt = torch.linalg.svd(h)
+    d = torch.sign(torch.linalg.det(u @ vt))
+    s = torch.cat([s[..., :2], (s[..., 2] * d)[..., None]], dim=-1)
+    # |x|² + |y|² − 2 Σ σ_i (with the last σ signed) is the minimal squared distance
+    msd = (x.pow(2).sum((-1, -2)) + y.pow(2).sum((-1, -2)) - 2 * s.sum(-1)) / x.shape[-2]
+    return msd.clamp_min(0).sqrt()
+
+
+class ConformerTask:
+    """Conformers of one molecule: data, graph, rewards, validity, diversity and SDF output.
+
+    mol: RDKit Mol with explicit hydrogens (atom order = coordinate order); coords: (n, atoms, 3)
+    float64 Å, mean-free; energies: (n,) MMFF94 kcal/mol of the relaxed conformers.
+    """
+
+    def __init__(self, mol, coords: np.ndarray, energies: np.ndarray, name: str = ""):
+        _, Chem, _ = _rdkit()
+        self.mol = Chem.Mol(mol)
+        self.mol.RemoveAllConformers()
+        self.coords = np.asarray(coords, dtype=np.float64)
+        self.energies = np.asarray(energies, dtype=np.float64)
+        self.name = name or Chem.MolToSmiles(Chem.RemoveHs(self.mol))
+        self.n_atoms = self.mol.GetNumAtoms()
+        self.dim = 3 * self.n_atoms
+        bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in self.mol.GetBonds()]
+        self.graph = MolGraph(
+            atomic_numbers=torch.tensor([a.GetAtomicNum() for a in self.mol.GetAtoms()], dtype=torch.long),
+            bonds=torch.tensor(bonds, dtype=torch.long).reshape(-1, 2),
+            bond_orders=torch.tensor([b.GetBondTypeAsDouble() for b in self.mol.GetBonds()], dtype=torch.float32),
+        )
+        # references for validity, from the relaxed data
+        c = torch.as_tensor(self.coords)
+        i, j = self.graph.bonds[:, 0], self.graph.bonds[:, 1]
+        self.ref_bond_lengths = (c[:, i] - c[:, j]).norm(dim=-1).mean(0)          # (n_bonds,)
+        topo = torch.as_tensor(Chem.GetDistanceMatrix(self.mol))
+        iu = torch.triu_indices(self.n_atoms, self.n_atoms, offset=1)
+        far = topo[iu[0], iu[1]] >= 3                  # 1-2 and 1-3 pairs are fixed by bonds and angles
+        self._clash_pairs = iu[:, far]
+        pt = Chem.GetPeriodicTable()
+        rvdw = torch.tensor([pt.GetRvdw(z) for z in self.graph.atomic_numbers.tolist()], dtype=torch.float64)
+        self._clash_vdw = rvdw[self._clash_pairs[0]] + rvdw[self._clash_pairs[1]]
+        self._stereo = self._stereo_references()
+        self._mmff = None
+
+    # --- data ------------------------------------------------------------------------------
+    @property
+    def data(self) -> torch.Tensor:
+        """(n, atoms * 3) float32, Å, mean-free."""
+        return torch.as_tensor(self.coords, dtype=torch.float32).reshape(len(self.coords), self.dim)
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n conformers drawn with replacement: (n, atoms * 3)."""
+        idx = torch.randint(len(self.coords), (n,), generator=generator)
+        return self.data[idx]
+
+    def _coords(self, x) -> torch.Tensor:
+        return _flat_coords(x, self.n_atoms).detach().to("cpu", torch.float64).reshape(-1, self.n_atoms, 3)
+
+    # --- rewards ---------------------------------------------------------------------------
+    def reward(self, name: str = "mmff", **kwargs):
+        """A reward callable r(x, cond=None) -> (batch,).
+
+        "mmff": −MMFF94 energy in kcal/mol (kwargs: scale, nonbonded_cutoff), differentiable;
+        "rg": −radius of gyration in Å (kwargs: sign=+1 rewards extended conformers).
+        For an RDKit score without gradients use `task.rdkit_reward(fn)` (evaluation only).
+        """
+        if name == "mmff":
+            return MMFFReward(_with_conformer(self.mol, self.coords[0]), **kwargs)
+        if name == "rg":
+            return RadiusOfGyration(self.n_atoms, **kwargs)
+        raise ValueError(f"unknown molecular reward {name!r}; known: 'mmff', 'rg' (differentiable); "
+                         "wrap an RDKit score without gradients with task.rdkit_reward(fn)")
+
+    def rdkit_reward(self, fn, name: str | None = None) -> NoGradientReward:
+        """Wrap fn(mol with one conformer) -> float as a reward for evaluation (no gradients)."""
+        if not callable(fn):
+            raise ValueError(f"fn must be callable as fn(mol) -> float, got {type(fn).__name__}")
+        return NoGradientReward(self, fn, name)
+
+    @torch.no_grad()
+    def energy(self, x) -> torch.Tensor:
+        """MMFF94 energies in kcal/mol: x (batch, atoms * 3) -> (batch,) float64."""
+        if self._mmff is None:
+            self._mmff = self.reward("mmff")
+        return self._mmff.energy(self._coords(x))
+
+    # --- checks ----------------------------------------------------------------------------
+    def _stereo_references(self):
+        """Tetrahedral centres and double bonds with stereo in the molecule, and their reference signs."""
+        from rdkit import Chem
+        c = torch.as_tensor(self.coords[0])
+        centres, bonds = [], []
+        for a in self.mol.GetAtoms():
+            if a.GetChiralTag() != Chem.ChiralType.CHI_UNSPECIFIED and a.GetDegree() >= 3:
+                nb = [n.GetIdx() for n in a.GetNeighbors()][:3]
+                centres.append([a.GetIdx(), *nb])
+        for b in self.mol.GetBonds():
+            if b.GetBondType() == Chem.BondType.DOUBLE and b.GetStereo() != Chem.BondStereo.STEREONONE:
+                s = list(b.GetStereoAtoms())
+                if len(s) == 2:
+                    bonds.append([s[0], b.GetBeginAtomIdx(), b.GetEndAtomIdx(), s[1]])
+        centres = torch.tensor(centres, dtype=torch.long).reshape(-1, 4)
+        bonds = torch.tensor(bonds, dtype=torch.long).reshape(-1, 4)
+        return centres, bonds, _chirality(c[None], centres)[0], _cis(c[None], bonds)[0]
+
+    def check(self, x, bond_tol: float = 0.15, clash_scale: float = 0.7) -> dict:
+        """Per-sample quality flags, each (batch,) bool.
+
+        bonds: every bond length within a relative `bond_tol` of its mean in the relaxed data;
+        clashes: no pair of atoms three or more bonds apart closer than `clash_scale` times the
+        sum of their van der Waals radii; stereo: every specified tetrahedral centre and E/Z
+        double bond has the handedness of the reference conformer; valid: all three.
+        """
+        if not 0 < bond_tol < 1:
+            raise ValueError(f"bond_tol must be in (0, 1), got {bond_tol!r}")
+        if not 0 < clash_scale:
+            raise ValueError(f"clash_scale must be positive, got {clash_scale!r}")
+        c = self._coords(x)
+        i, j = self.graph.bonds[:, 0], self.graph.bonds[:, 1]
+        dev = ((c[:, i] - c[:, j]).norm(dim=-1) / self.ref_bond_lengths - 1).abs()
+        bonds_ok = (dev <= bond_tol).all(dim=1)
+        p, q = self._clash_pairs
+        clash_ok = ((c[:, p] - c[:, q]).norm(dim=-1) >= clash_scale * self._clash_vdw).all(dim=1)
+        centres, dbonds, chi_ref, cis_ref = self._stereo
+        stereo_ok = (_chirality(c, centres) == chi_ref).all(dim=1) & (_cis(c, dbonds) == cis_ref).all(dim=1)
+        return {"bonds": bonds_ok, "clashes": clash_ok, "stereo": stereo_ok,
+                "valid": bonds_ok & clash_ok & stereo_ok}
+
+    def validity(self, x, **kwargs) -> torch.Tensor:
+        """(batch,) bool: bonds, clashes and stereo all pass (see `check` for the criteria)."""
+        return self.check(x, **kwargs)["valid"]
+
+    def pairwise_rmsd(self, x, heavy_only: bool = False) -> torch.Tensor:
+        """(batch, batch) RMSD in Å after Kabsch alignment (atoms matched by index, no symmetry)."""
+        c = self._coords(x)
+        if heavy_only:
+            c = c[:, self.graph.atomic_numbers > 1]
+        b = c.shape[0]
+        iu = torch.triu_indices(b, b, offset=1)
+        out = torch.zeros(b, b, dtype=torch.float64)
+        r = kabsch_rmsd(c[iu[0]], c[iu[1]])
+        out[iu[0], iu[1]] = r
+        out[iu[1], iu[0]] = r
+        return out
+
+    def diversity(self, x, heavy_only: bool = False) -> float:
+        """Mean pairwise Kabsch RMSD in Å over distinct pairs of samples (needs batch ≥ 2)."""
+        c = self._coords(x)
+        if c.shape[0] < 2:
+            raise ValueError(f"diversity needs at least 2 samples, got {c.shape[0]}")
+        m = self.pairwise_rmsd(c, heavy_only)
+        b = c.shape[0]
+        return float(m.sum() / (b * (b - 1)))
+
+    def evaluate(self, x) -> dict:
+        """Energy quantiles, left/right CVaR of −E at 5/10/20 %, validity rates and diversity.
+
+        Samples with NaN or inf coordinates are counted in `n_nonfinite` and count as invalid;
+        the other statistics are over the finite samples.
+        """
+        c = self._coords(x)
+        finite = torch.isfinite(c).all(dim=(1, 2))
+        n_all = c.shape[0]
+        c = c[finite]
+        if c.shape[0] == 0:
+            raise ValueError(f"all {n_all} samples have NaN or inf coordinates")
+        e = self.energy(c).numpy()
+        flags = {k: v.double().sum() / n_all for k, v in self.check(c).items()}
+        r = np.sort(-e)
+        out = {"n": n_all, "n_nonfinite": int(n_all - len(e)), "energy_mean": float(e.mean()),
+               **{f"energy_q{int(q * 100):02d}": float(np.quantile(e, q)) for q in (0.05, 0.5, 0.95)}}
+        for b in (0.05, 0.1, 0.2):
+            k = max(1, int(math.ceil(b * len(r))))
+            out[f"reward_cvar_left_{b}"] = float(r[:k].mean())
+            out[f"reward_cvar_right_{b}"] = float(r[-k:].mean())
+        out.update({f"rate_{k}": float(v) for k, v in flags.items()})
+        out["diversity_rmsd"] = self.diversity(c) if len(e) > 1 else float("nan")
+        return out
+
+    # --- RDKit exchange --------------------------------------------------------------------
+    def to_mol(self, x):
+        """One RDKit Mol (explicit H) with a conformer per sample; x: (batch, atoms * 3) in Å."""
+        from rdkit import Chem
+        from rdkit.Geometry import Point3D
+        c = self._coords(x).numpy()
+        mol = Chem.Mol(self.mol)
+        mol.RemoveAllConformers()
+        for b in range(c.shape[0]):
+            conf = Chem.Conformer(self.n_atoms)
+            for a in range(self.n_atoms):
+                conf.SetAtomPosition(a, Point3D(*c[b, a]))
+            conf.SetId(b)
+            mol.AddConformer(conf, assignId=False)
+        return mol
+
+    def write_sdf(self, x, path) -> Path:
+        """Write each sample as an SDF record with its MMFF94 energy and validity flags."""
+        from rdkit import Chem
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mol = self.to_mol(x)
+        e = self.energy(x).tolist()
+        flags = {k: v.tolist() for k, v in self.check(x).items()}
+        tmp = path.with_name(path.name + ".tmp")
+        writer = Chem.SDWriter(str(tmp))
+        try:
+            for b in range(len(e)):
+                m = Chem.Mol(mol, confId=b)
+                m.SetProp("_Name", f"{self.name} sample {b}")
+                m.SetDoubleProp("MMFF94_energy_kcal_mol", e[b])
+                for k, v in flags.items():
+                    m.SetIntProp(f"valid_{k}" if k != "valid" else "valid", int(v[b]))
+                writer.write(m)
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+        return path
+
+    def __repr__(self) -> str:
+        return f"ConformerTask({self.name!r}, conformers={len(self)}, atoms={self.n_atoms})"
+
+
+def _with_conformer(mol, coords):
+    """A copy of `mol` holding one conformer at `coords` (atoms, 3)."""
+    from rdkit import Chem
+    from rdkit.Geometry import Point3D
+    m = Chem.Mol(mol)
+    m.RemoveAllConformers()
+    conf = Chem.Conformer(m.GetNumAtoms())
+    for a, p in enumerate(np.asarray(coords, dtype=np.float64)):
+        conf.SetAtomPosition(a, Point3D(*p))
+    m.AddConformer(conf, assignId=True)
+    return m
+
+
+def _chirality(c: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Sign of the signed volume (n1 − c)·((n2 − c) × (n3 − c)) per centre: (batch, n_centres) bool."""
+    if centres.shape[0] == 0:
+        return torch.zeros(c.shape[0], 0, dtype=torch.bool)
+    o = c[:, centres[:, 0]]
+    v = torch.linalg.det(torch.stack([c[:, centres[:, k]] - o for k in (1, 2, 3)], dim=-2))
+    return v > 0
+
+
+def _cis(c: torch.Tensor, quads: torch.Tensor) -> torch.Tensor:
+    """Whether the substituents a, d of a–b=c–d are on the same side (|dihedral| < 90°): (batch, n) bool."""
+    if quads.shape[0] == 0:
+        return torch.zeros(c.shape[0], 0, dtype=torch.bool)
+    a, b, cc, d = (c[:, quads[:, k]] for k in range(4))
+    axis = cc - b
+    u = torch.linalg.cross(a - b, axis)
+    w = torch.linalg.cross(d - cc, axis)
+    return (u * w).sum(-1) > 0
+
+
+def conformers(smiles_or_path, n: int = 256, seed: int = 0, *, max_iters: int = 2000,
+               cache_dir=None, use_cache: bool = True) -> ConformerTask:
+    """n conformers of one molecule by ETKDGv3 embedding and MMFF94 relaxation, cached on disk.
+
+    smiles_or_path: SMILES, an RDKit Mol, or a .smi/.sdf/.mol file (its first molecule).
+    Hydrogens are added explicitly; coordinates are centred (mean-free). The cache is an .npz
+    file (no pickle) under `cache_dir` (default $TILTFLOW_CACHE/molecules or
+    ~/.cache/tiltflow/molecules), keyed by the molecule, n, seed, max_iters and the RDKit version.
+    """
+    rdkit, Chem, AllChem = _rdkit()
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31 - 1:
+        raise ValueError(f"seed must be an integer in [0, 2**31 - 1), got {seed!r}")
+    mol = Chem.AddHs(_read_molecule(smiles_or_path), addCoords=False)
+    mol.RemoveAllConformers()
+    # RDKit's JSON keeps atom order, explicit H and stereo flags exactly, unlike a SMILES round trip
+    mol_json = Chem.MolToJSON(mol)
+    key = hashlib.sha256(f"{CACHE_VERSION}|{rdkit.__version__}|{n}|{seed}|{max_iters}|{mol_json}".encode()).hexdigest()[:16]
+    path = _cache_dir(cache_dir) / f"{key}.npz"
+    if use_cache and path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            cached = Chem.JSONToMols(str(z["mol_json"]))[0]
+            Chem.SanitizeMol(cached)     # JSON leaves ring information unset; MMFF typing needs it
+            return ConformerTask(cached, z["coords"], z["energies"], str(z["name"]))
+
+    params = AllChem.ETKDGv3()
+    params.randomSeed = seed + 1   # RDKit's randomSeed 0 repeats one conformer n times
+    ids = list(AllChem.EmbedMultipleConfs(mol, numConfs=n, params=params))
+    if len(ids) < n:
+        raise ValueError(f"ETKDG embedded only {len(ids)} of {n} conformers of "
+                         f"{Chem.MolToSmiles(Chem.RemoveHs(mol))!r}; check the structure or lower n")
+    res = AllChem.MMFFOptimizeMoleculeConfs(mol, maxIters=max_iters)
+    if not res:
+        raise ValueError("MMFF94 has no parameters for this molecule; conformers need MMFF relaxation")
+    energies = np.array([e for _, e in res], dtype=np.float64)
+    coords = np.stack([mol.GetConformer(i).GetPositions() for i in ids])
+    coords -= coords.mean(axis=1, keepdims=True)
+    name = Chem.MolToSmiles(Chem.RemoveHs(mol))
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, coords=coords, energies=energies, mol_json=np.array(mol_json), name=np.array(name))
+        os.replace(tmp, path)
+    return ConformerTask(mol, coords, energies, name)

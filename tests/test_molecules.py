@@ -1,0 +1,207 @@
+"""Conformer task: MMFF reward gradient, validity flags, cache, mean-free data, SDF output."""
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("rdkit")
+
+from tiltflow.rewards import check_reward  # noqa: E402
+from tiltflow.tasks import molecules  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def ethanol(tmp_path_factory):
+    return molecules.conformers("CCO", n=16, seed=0, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def chiral(tmp_path_factory):
+    # one tetrahedral centre and one E double bond
+    return molecules.conformers("C/C=C/[C@H](F)O", n=8, seed=1, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def _rotation(seed):
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return q * torch.sign(torch.linalg.det(q))   # proper rotation, det +1
+
+
+def test_data_is_mean_free_with_explicit_hydrogens(ethanol):
+    x = ethanol.data
+    assert x.shape == (16, 9 * 3) and x.dtype == torch.float32          # C2H6O: 9 atoms
+    assert ethanol.graph.atomic_numbers.tolist().count(1) == 6
+    # float32 rounding of coordinates of a few Å
+    assert x.reshape(16, 9, 3).mean(dim=1).abs().max() < 1e-6
+    assert ethanol.graph.bonds.shape == (8, 2)
+
+
+def test_conformers_are_distinct_relaxed_minima(ethanol):
+    # ETKDG samples differ (RDKit's seed 0 would repeat one); MMFF minima have ~zero gradient
+    assert ethanol.diversity(ethanol.data) > 0.1
+    x = torch.as_tensor(ethanol.coords).requires_grad_(True)
+    ethanol.reward("mmff")(x).sum().backward()
+    assert x.grad.abs().max() < 1e-2          # kcal/mol/Å: RDKit's convergence tolerance
+
+
+def test_mmff_reward_matches_relaxation_energies(ethanol):
+    # the reward evaluates the same force field RDKit minimised: r = −E at the data
+    r = ethanol.reward("mmff")(torch.as_tensor(ethanol.coords))
+    np.testing.assert_allclose(-r.numpy(), ethanol.energies, rtol=0, atol=1e-6)
+
+
+def test_mmff_gradient_matches_finite_differences(ethanol):
+    # central differences: error O(h² E''') ≈ 1e-8 for h = 1e-4 Å; compare every coordinate
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.as_tensor(ethanol.coords[:2]).reshape(2, -1) + 0.05 * torch.randn(2, 27, generator=g, dtype=torch.float64)
+    reward = ethanol.reward("mmff")
+    x = x0.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(reward(x).sum(), x)
+    h = 1e-4
+    fd = torch.empty_like(x0)
+    for k in range(27):
+        e = torch.zeros(27, dtype=torch.float64)
+        e[k] = h
+        fd[:, k] = (reward(x0 + e) - reward(x0 - e)) / (2 * h)
+    assert grad.abs().max() > 1.0                       # the perturbed points are not minima
+    torch.testing.assert_close(grad, fd, rtol=1e-5, atol=1e-5)
+
+
+def test_mmff_reward_passes_the_solver_check_and_scales(ethanol):
+    x = ethanol.data[:4]
+    v = check_reward(ethanol.reward("mmff"), x, need_grad=True)
+    assert v.dtype == x.dtype and v.shape == (4,)
+    torch.testing.assert_close(ethanol.reward("mmff", scale=10.0)(x), v / 10)
+
+
+def test_energy_is_invariant_under_rotation_and_translation(ethanol):
+    c = torch.as_tensor(ethanol.coords[:3])
+    moved = c @ _rotation(3).T + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    torch.testing.assert_close(ethanol.energy(moved.reshape(3, -1)), ethanol.energy(c.reshape(3, -1)),
+                               rtol=0, atol=1e-8)
+
+
+def test_validity_accepts_data_and_flags_stretched_bond_and_clash(ethanol):
+    assert ethanol.validity(ethanol.data).all()
+    c = torch.as_tensor(ethanol.coords[0]).clone()
+    # stretch the C–O bond by 30 % (> 15 % tolerance) by moving the O and its H outward
+    (i, j) = next((int(a), int(b)) for a, b in ethanol.graph.bonds.tolist()
+                  if {ethanol.graph.atomic_numbers[a].item(), ethanol.graph.atomic_numbers[b].item()} == {6, 8})
+    o = j if ethanol.graph.atomic_numbers[j] == 8 else i
+    other = i if o == j else j
+    h_on_o = [b if a == o else a for a, b in ethanol.graph.bonds.tolist() if o in (a, b) and other not in (a, b)]
+    shift = 0.3 * (c[o] - c[other])
+    stretched = c.clone()
+    stretched[[o, *h_on_o]] += shift
+    flags = ethanol.check(stretched[None])
+    assert not flags["bonds"][0] and flags["clashes"][0] and not flags["valid"][0]
+    # clash: put a methyl H 0.5 Å from the hydroxyl H (4 bonds apart: H–C–C–O–H)
+    hs = (ethanol.graph.atomic_numbers == 1).nonzero().flatten().tolist()
+    methyl_h = next(h for h in hs if h not in h_on_o and any(
+        (a == h or b == h) and ethanol.graph.atomic_numbers[a + b - h] == 6 and (a + b - h) != other
+        for a, b in ethanol.graph.bonds.tolist()))
+    clashed = c.clone()
+    clashed[methyl_h] = c[h_on_o[0]] + torch.tensor([0.5, 0.0, 0.0], dtype=torch.float64)
+    flags = ethanol.check(clashed[None])
+    assert not flags["clashes"][0] and not flags["valid"][0]
+
+
+def test_stereo_flags_a_mirror_image(chiral):
+    x = torch.as_tensor(chiral.coords)
+    assert chiral.validity(x.reshape(len(x), -1)).all()
+    mirror = x * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)   # same distances, inverted centre
+    flags = chiral.check(mirror.reshape(len(x), -1))
+    assert flags["bonds"].all() and flags["clashes"].all() and not flags["stereo"].any()
+
+
+def test_kabsch_rmsd_closed_forms(ethanol):
+    c = torch.as_tensor(ethanol.coords[:2])
+    moved = c @ _rotation(5).T + 3.0
+    torch.testing.assert_close(molecules.kabsch_rmsd(c, moved), torch.zeros(2, dtype=torch.float64),
+                               rtol=0, atol=1e-6)
+    # one atom displaced by d relative to the rest: RMSD ≤ d/√atoms (alignment can only lower it)
+    d = c[0].clone()
+    d[0] += torch.tensor([0.9, 0.0, 0.0], dtype=torch.float64)
+    assert 0 < molecules.kabsch_rmsd(c[0], d) <= 0.9 / math.sqrt(9) + 1e-12
+    m = ethanol.pairwise_rmsd(ethanol.data[:5])
+    assert torch.allclose(m, m.T) and m.diagonal().abs().max() == 0
+
+
+def test_cache_round_trip(tmp_path):
+    a = molecules.conformers("CC(=O)N", n=4, seed=2, cache_dir=tmp_path)
+    files = list(tmp_path.glob("*.npz"))
+    assert len(files) == 1
+    with np.load(files[0], allow_pickle=False) as z:       # no pickle inside
+        assert z["coords"].shape == (4, a.n_atoms, 3)
+    b = molecules.conformers("CC(=O)N", n=4, seed=2, cache_dir=tmp_path)
+    assert torch.equal(a.data, b.data) and np.array_equal(a.energies, b.energies)
+    assert torch.equal(a.graph.atomic_numbers, b.graph.atomic_numbers) and torch.equal(a.graph.bonds, b.graph.bonds)
+    # the molecule read back types the same force field: energies at the data agree
+    torch.testing.assert_close(b.energy(b.data), a.energy(a.data), rtol=0, atol=1e-9)
+    assert b.validity(b.data).all()
+    c = molecules.conformers("CC(=O)N", n=4, seed=3, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and not torch.equal(a.data, c.data)
+
+
+def test_write_sdf_round_trip(ethanol, tmp_path):
+    from rdkit import Chem
+    x = ethanol.data[:3]
+    path = ethanol.write_sdf(x, tmp_path / "out" / "ethanol.sdf")
+    mols = list(Chem.SDMolSupplier(str(path), removeHs=False))
+    assert len(mols) == 3
+    e = ethanol.energy(x)
+    for k, m in enumerate(mols):
+        assert m.GetNumAtoms() == 9 and m.GetIntProp("valid") == 1
+        assert abs(m.GetDoubleProp("MMFF94_energy_kcal_mol") - e[k].item()) < 1e-6
+        # SDF keeps 4 decimals of Å
+        np.testing.assert_allclose(m.GetConformer().GetPositions(), x[k].reshape(9, 3).numpy(), atol=1e-4)
+
+
+def test_rewards_without_gradients_name_alternatives(ethanol):
+    from rdkit.Chem import Descriptors3D
+    rg = ethanol.rdkit_reward(Descriptors3D.RadiusOfGyration, name="rdkit_rg")
+    with torch.no_grad():                                   # evaluation works
+        v = rg(ethanol.data[:3])
+    assert v.shape == (3,) and (v > 0).all()
+    with pytest.raises(ValueError, match="without gradients.*'mmff'"):
+        check_reward(rg, ethanol.data[:3], need_grad=True)
+    with pytest.raises(ValueError, match="known: 'mmff'"):
+        ethanol.reward("qed")
+
+
+def test_radius_of_gyration_reward_matches_rdkit(ethanol):
+    # closed form R_g = sqrt(mean_i |x_i − x̄|²), unweighted
+    c = torch.as_tensor(ethanol.coords[:2])
+    expected = c.sub(c.mean(1, keepdim=True)).pow(2).sum(-1).mean(-1).sqrt()
+    torch.testing.assert_close(-ethanol.reward("rg")(c.reshape(2, -1)), expected)
+
+
+def test_missing_rdkit_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rdkit", None)
+    with pytest.raises(ImportError, match=r"tiltflow\[mol\]"):
+        molecules._rdkit()
+
+
+def test_bad_inputs_raise_value_errors(ethanol, tmp_path):
+    with pytest.raises(ValueError, match="neither a valid SMILES"):
+        molecules.conformers("not-a-molecule", n=2, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="n must be"):
+        molecules.conformers("CCO", n=0, cache_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"shape \(batch, 27\)"):
+        ethanol.reward("mmff")(torch.zeros(2, 26))
+
+
+def test_reads_smi_and_sdf_files_and_the_nci_set(ethanol, tmp_path):
+    from rdkit import Chem
+    smi = molecules.nci_smiles(0)
+    assert Chem.MolFromSmiles(smi) is not None
+    (tmp_path / "m.smi").write_text("CCO ethanol\n")
+    a = molecules.conformers(tmp_path / "m.smi", n=16, seed=0, cache_dir=tmp_path)
+    assert torch.equal(a.data, ethanol.data)          # same molecule, same seed: same conformers
+    ethanol.write_sdf(ethanol.data[:1], tmp_path / "m.sdf")
+    b = molecules.conformers(tmp_path / "m.sdf", n=2, seed=0, cache_dir=tmp_path)
+    assert b.graph.atomic_numbers.tolist() == ethanol.graph.atomic_numbers.tolist()
