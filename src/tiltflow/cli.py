@@ -55,7 +55,7 @@ class DemoConfig:
     right CVaR, and compare (printed and saved as config.json in the demo folder)."""
     task: str = "mixture"                 # toy2d task the base model is pretrained on
     reward: str = "linear"                # rewards.REWARDS name; linear r(x) = x₁ + 0.5·x₂
-    lam: float = 1.0                      # KL weight λ of every fine-tuning
+    lam: float = 3.0                      # KL weight λ of every fine-tuning
     level: float = 0.1                    # CVaR tail mass β
     pretrain_steps: int = 3000
     pretrain_batch_size: int = 256
