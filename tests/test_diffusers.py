@@ -364,3 +364,130 @@ def test_encode_prompts_and_guided_sampling(tmp_path):
         da.encode_prompts(pipe, prompts, negative_prompts=["x"], guidance=True)
     with pytest.raises(ValueError, match="does not divide"):
         fm.sample(3, steps=2, cond=cond)
+
+
+# --- finetune on many prompts, LoRA through lora_rank, resume ------------------------------------
+
+def _prompt_reward(calls=None):
+    """r(x, c) = 100 · mean latent · mean pooled projection: each prompt pulls its own way."""
+    def r(x, cond):
+        if calls is not None:
+            calls.append((cond["pooled_projections"].detach().clone(), cond.get("prompt")))
+        return x.mean(dim=(1, 2, 3)) * 100.0 * cond["pooled_projections"].mean(-1)
+    return r
+
+
+def test_finetune_prompts_cycle_pooled_stage1_and_resume(tmp_path):
+    """Each epoch of P micro-batches visits every prompt once; stage 1 pools every prompt's offline
+    samples into one η*; stopping after 2 iterations and resuming gives bit-identical weights."""
+    base = da.from_diffusers(_FakePipe(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler()))
+    prompts = {**sd3_cond(3, seed=4), "prompt": ["p0", "p1", "p2"]}   # one batched dict: 3 prompts
+    calls, picks = [], []
+    kw = dict(lam=1.0, batch_size=2, grad_accum=2, steps=3, n_offline=6, lr=1e-2, lora_rank=2,
+              prompts=prompts, progress=False, checkpoint_every=2, seed=3)
+    full = tilt.finetune(base, tilt.CVaR(_prompt_reward(calls), level=0.5, tail="left"), iters=4,
+                         out=tmp_path / "a", callback=lambda it, rec: picks.append(rec["prompts"]), **kw)
+    # stage 1: one pooled call, 2 offline samples per prompt, one per micro-batch stream, in
+    # (stream, prompt) order
+    pooled, text = calls[0]
+    assert pooled.shape == (6, 16) and text == ["p0", "p1", "p2"] * 2     # extra keys ride along
+    for shard in range(2):
+        for p in range(3):
+            assert torch.equal(pooled[3 * shard + p], prompts["pooled_projections"][p])
+    eta = json.loads((tmp_path / "a" / "stage1.json").read_text())["eta"]
+    assert math.isfinite(eta)
+    # every micro-batch uses one prompt, each epoch of 3 is a permutation, stream is (seed, epoch)-shuffled
+    flat = [p for rec in picks for p in rec]
+    assert len(flat) == 8 and sorted(flat[:3]) == [0, 1, 2] and sorted(flat[3:6]) == [0, 1, 2]
+    train_calls = calls[1:]
+    assert all(c.shape == (1, 16) for c, _ in train_calls[:2])       # the micro-batch's own prompt
+    assert torch.equal(train_calls[0][0][0], prompts["pooled_projections"][flat[0]])
+    assert train_calls[0][1] == [f"p{flat[0]}"]
+    # "killed" after 2 iterations, then resumed to 4: the same prompts, the same weights
+    r_b = _prompt_reward()          # the objective's repr is part of the run config
+    tilt.finetune(base, tilt.CVaR(r_b, level=0.5, tail="left"), iters=2, out=tmp_path / "b", **kw)
+    picks_b = []
+    resumed = tilt.finetune(base, tilt.CVaR(r_b, level=0.5, tail="left"), iters=4, out=tmp_path / "b",
+                            resume=True, callback=lambda it, rec: picks_b.append(rec["prompts"]), **kw)
+    assert picks_b == picks[2:]
+    for (k, v), (_, w) in zip(full.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(v, w), k
+    log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
+    assert [rec["prompts"] for rec in log] == picks
+    # a run with other prompts does not resume from this folder
+    with pytest.raises(ValueError, match=r"differs in \['prompts'\]"):
+        tilt.finetune(base, tilt.CVaR(r_b, level=0.5, tail="left"), iters=4, out=tmp_path / "b",
+                      resume=True, **{**kw, "prompts": {**sd3_cond(3, seed=5), "prompt": ["p0", "p1", "p2"]}})
+
+
+def test_finetune_lora_rank_trains_only_lora_and_writes_adapter(tmp_path):
+    """lora_rank wraps the copy in a LoRA: only LoRA weights change and get gradients; checkpoints
+    hold only them; model.safetensors and lora.safetensors (on a fresh base) reproduce samples."""
+    base = da.from_diffusers(_FakePipe(unet=tiny_unet(), scheduler=sd15_scheduler()))
+    cond = {"encoder_hidden_states": torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1))}
+
+    def brightness(x, cond=None):
+        return x.mean(dim=(1, 2, 3)) * 100.0
+
+    kw = dict(lam=1.0, batch_size=2, steps=3, lr=1e-2, lora_rank=2, lora_targets=["to_q", "to_v"],
+              cond=cond, progress=False, checkpoint_every=2, seed=0)
+    ft = tilt.finetune(base, brightness, iters=3, out=tmp_path / "run", **kw)
+    assert base.net.lora is None                                        # the base is untouched
+    assert ft.net.lora == {"rank": 2, "alpha": 2.0, "target_modules": ["to_q", "to_v"]}
+    before = dict(base.named_parameters())
+    names = {n for n, _ in ft.named_parameters()}
+    lora = {n for n in names if "lora_" in n}
+    assert lora and all(any(t in n for t in ("to_q", "to_v")) for n in lora)
+    same = {n: before.get(n.replace(".base_layer", "")) for n in names - lora}     # peft renames wrapped layers
+    assert all(same[n] is not None and torch.equal(p, same[n]) for n, p in ft.named_parameters() if n in same)
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in ft.named_parameters())   # B starts at 0
+    # gradients were only ever allocated for the LoRA (the last iteration's are still there)
+    assert all(p.grad is None for n, p in ft.named_parameters() if n not in lora)
+    assert any(p.grad is not None for n, p in ft.named_parameters() if n in lora)
+    from safetensors.torch import load_file
+    ck = load_file(str(sorted((tmp_path / "run" / "checkpoints").glob("step_*.safetensors"))[-1]))
+    weights = [k for k in ck if not k.startswith(("optim", "rng"))]
+    assert weights and all(k.startswith("lora.") and "lora_" in k for k in weights), weights[:3]
+    x1 = ft.sample(2, steps=3, cond=cond, seed=7, sde=True)
+    torch.testing.assert_close(FlowModel.load(tmp_path / "run" / "model.safetensors").sample(
+        2, steps=3, cond=cond, seed=7, sde=True), x1)
+    fresh = da.from_diffusers(_FakePipe(unet=tiny_unet(), scheduler=sd15_scheduler()))
+    da.load_lora(fresh, tmp_path / "run" / "lora.safetensors")
+    torch.testing.assert_close(fresh.sample(2, steps=3, cond=cond, seed=7, sde=True), x1)
+    # resume from the LoRA-only checkpoint at 2 reproduces the 3-iteration run bit for bit
+    import shutil
+    shutil.copytree(tmp_path / "run", tmp_path / "cut")
+    (tmp_path / "cut" / "checkpoints" / "step_00000003.json").unlink()
+    resumed = tilt.finetune(base, brightness, iters=3, out=tmp_path / "cut", resume=True, **kw)
+    for (k, v), (_, w) in zip(ft.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(v, w), k
+
+
+def test_finetune_prompts_and_lora_bad_inputs(sd3):
+    tr, sched = sd3
+    base = da.from_diffusers(_FakePipe(transformer=tr, scheduler=sched))
+    kw = dict(lam=1.0, iters=1, batch_size=2, steps=2, progress=False)
+    reward = _prompt_reward()
+    with pytest.raises(ValueError, match="encode them"):
+        tilt.finetune(base, reward, prompts=["a red bicycle", "a cat"], **kw)
+    with pytest.raises(ValueError, match="not both"):
+        tilt.finetune(base, reward, prompts=sd3_cond(2), cond=sd3_cond(1), **kw)
+    with pytest.raises(ValueError, match="exactly one row"):
+        tilt.finetune(base, reward, prompts=[sd3_cond(2)], **kw)
+    with pytest.raises(ValueError, match="different row counts"):
+        tilt.finetune(base, reward, prompts={"encoder_hidden_states": torch.zeros(2, 5, 32),
+                                             "pooled_projections": torch.zeros(3, 16)}, **kw)
+    with pytest.raises(ValueError, match="lora_rank must be"):
+        tilt.finetune(base, reward, prompts=sd3_cond(2), lora_rank=0, **kw)
+    with pytest.raises(ValueError, match="need lora_rank"):
+        tilt.finetune(base, reward, prompts=sd3_cond(2), lora_targets=["to_q"], **kw)
+    with pytest.raises(ValueError, match="diffusers adapter"):
+        tilt.finetune(_mlp_base(), lambda x: x.sum(1), lora_rank=2, init="copy", **kw)
+    from tiltflow.methods.fdc import fdc
+    with pytest.raises(ValueError, match="fdc does not take lora_rank"):
+        fdc(base, reward, lam=1.0, iters_outer=1, lora_rank=2, batch_size=2, steps=2, progress=False)
+
+
+def _mlp_base():
+    from tiltflow.models.mlp import MLPVelocity
+    return FlowModel(MLPVelocity(2, (8,)), "rectified", (2,))

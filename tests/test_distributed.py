@@ -190,3 +190,47 @@ def test_gft_and_sample_energy_on_two_gloo_processes_equal_one_process_with_grad
     assert len((se_run / "log.jsonl").read_text().splitlines()) == SE["epochs"]
     ck = load_file(str(sorted((se_run / "checkpoints").glob("*.safetensors"))[-1]))
     assert {"rng.train", "rng.train_1"} <= set(ck)
+
+
+# --- many prompts: each micro-batch's prompt is a function of its global index ---------------------
+
+PROMPTS = [torch.tensor([1.0]), torch.tensor([0.5]), torch.tensor([2.0])]
+FT_PROMPTS = dict(batch_size=16, steps=10, lr=3e-3, seed=2, progress=False, n_offline=12, prompts=PROMPTS)
+
+
+def prompt_reward(x, cond):
+    """a·x scaled by the prompt's scalar (cond rows: 1 for a micro-batch, one per sample in stage 1)."""
+    return (x @ A_LIN) * cond.reshape(-1)
+
+
+def _prompts_worker(rank: int, world: int, port: int, root: str, iters: int):
+    from tiltflow.objectives import CVaR
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    obj = CVaR(prompt_reward, level=0.25, tail="left")
+    picks = []
+    ft = finetune(gaussian_base(), obj, lam=1.0, iters=iters, callback=lambda it, rec: picks.append(rec["prompts"]),
+                  **FT_PROMPTS)
+    save_file({k: v.contiguous() for k, v in ft.state_dict().items()}, os.path.join(root, f"w{rank}.safetensors"))
+    torch.save({"picks": picks, "eta": obj.solution.eta}, os.path.join(root, f"p{rank}.pt"))
+    dist.shutdown()
+
+
+def test_prompts_on_two_gloo_processes_equal_one_process_with_grad_accum_2(tmp_path):
+    """The same prompt per micro-batch, the same pooled stage-1 η*, the same weights (to rounding)."""
+    from tiltflow.objectives import CVaR
+    iters = 6
+    mp.spawn(_prompts_worker, args=(2, free_port(), str(tmp_path), iters), nprocs=2, join=True)
+    obj = CVaR(prompt_reward, level=0.25, tail="left")
+    picks = []
+    ft1 = finetune(gaussian_base(), obj, lam=1.0, iters=iters, grad_accum=2,
+                   callback=lambda it, rec: picks.append(rec["prompts"]), **FT_PROMPTS)
+    for r in (0, 1):
+        got = torch.load(tmp_path / f"p{r}.pt")
+        assert got["picks"] == picks and got["eta"] == obj.solution.eta
+        w = load_file(str(tmp_path / f"w{r}.safetensors"))
+        for k, v in ft1.state_dict().items():
+            torch.testing.assert_close(w[k], v, atol=1e-6, rtol=0, msg=k)
+    flat = [p for rec in picks for p in rec]
+    assert sorted(flat[:3]) == [0, 1, 2] and sorted(flat[3:6]) == [0, 1, 2]

@@ -48,7 +48,7 @@ from .. import distributed as dist
 from ..divergences import KL, log_ratio
 from ..models.flow_model import FlowModel
 from ..utilities import as_utility, model_score
-from .finetune import FinetuneConfig, _validate as _validate_inner, finetune
+from .finetune import _OPTIONAL_KEYS, FinetuneConfig, _validate as _validate_inner, finetune
 
 __all__ = ["FDCConfig", "fdc"]
 
@@ -241,6 +241,9 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         raise ValueError(f"unknown fdc options {sorted(unknown)}; valid inner options: {sorted(inner_fields)}")
     inner = FinetuneConfig(**kwargs)
     _validate_inner(inner)
+    if inner.lora_rank is not None:
+        raise ValueError("fdc does not take lora_rank yet (each outer round copies the previous model); "
+                         "train a LoRA with finetune(..., lora_rank=) instead")
     curvature = float(getattr(utility, "curvature", 0.0))
     if cfg.step is None and cfg.lam + curvature <= 0:
         raise ValueError("with lam = 0 and a utility of curvature 0 there is no default step: pass step=γ > 0")
@@ -261,7 +264,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         ref_samples = reference.sample(inner.n_offline, steps=inner.steps, sde=True,
                                        seed=seed + REF_SEED_OFFSET)
 
-    config_record = {**asdict(cfg), "gamma": gamma, "inner": asdict(inner), "utility": repr(utility),
+    inner_record = {k: v for k, v in asdict(inner).items() if not (k in _OPTIONAL_KEYS and v is None)}
+    config_record = {**asdict(cfg), "gamma": gamma, "inner": inner_record, "utility": repr(utility),
                      "divergence": repr(divergence), "base": reference.config()}
     run = None
     current, start, records = reference, 0, []

@@ -10,6 +10,22 @@ is cut into world_size × grad_accum micro-batches, each simulated with its own 
 every process rolls out and integrates the lean adjoint of its own micro-batches, gradients are
 averaged over processes before clipping, and stage 1 sees the offline samples of all processes.
 Only rank 0 writes the run folder and shows the progress bar.
+
+Many prompts (`prompts=[c_1, ..., c_P]`, e.g. the rows of encode_prompts): each micro-batch is
+rolled out, rewarded and regressed under one prompt's condition. Micro-batch k of the run
+(k = iteration · shards + shard, the same numbering on every process) takes prompt π_e(k mod P)
+with e = k div P and π_e a permutation drawn from (seed, e) alone: every prompt once per epoch of
+P micro-batches, in a shuffled order, a pure function of the iteration (so resume and data
+parallel need no extra state and the micro-batch streams are untouched). Stage 1 draws the
+offline samples across the prompts (n_offline split evenly over them) and solves ONE threshold η*
+over the pooled rewards r(x, c) — the papers do not say how a multi-prompt η* is set; a
+per-prompt η* would need per-prompt offline batches and is not implemented. Quantile tracking
+(CVaR(track=True)) follows the quantile of each micro-batch, i.e. of one prompt.
+
+LoRA (`lora_rank=`, diffusers adapters): the copied model gets a peft LoRA (models.diffusers_adapter
+.add_lora); only its weights train and need gradients, checkpoints hold only them (the rest is
+the base, fingerprinted in the config), and the run folder gets lora.safetensors next to the
+full model.safetensors.
 """
 
 from __future__ import annotations
@@ -56,6 +72,13 @@ class FinetuneConfig:
     max_nonfinite: int = 5           # stop after this many optimiser steps in a row skipped for a NaN/inf loss or gradient
     seed: int = 0
     device: str = "cpu"
+    lora_rank: int | None = None     # diffusers adapters: train a LoRA of this rank only (None: per `init`)
+    lora_alpha: float | None = None  # LoRA scale α (None: α = rank)
+    lora_targets: tuple | None = None  # module names the LoRA wraps (None: attention to_q, to_k, to_v, to_out.0)
+
+# run settings that are left out of config.json / the config hash while unset, so runs made
+# before they existed still resume
+_OPTIONAL_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
 
 
 def _validate(cfg: FinetuneConfig):
@@ -76,6 +99,116 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"solver must be one of {list(SOLVERS)}, got {cfg.solver!r}")
     if cfg.init not in ("auto", "copy", "residual"):
         raise ValueError(f"init must be 'auto', 'copy' or 'residual', got {cfg.init!r}")
+    if cfg.lora_rank is not None:
+        if isinstance(cfg.lora_rank, bool) or not isinstance(cfg.lora_rank, int) or cfg.lora_rank <= 0:
+            raise ValueError(f"lora_rank must be a positive integer or None, got {cfg.lora_rank!r}")
+        if cfg.init == "residual":
+            raise ValueError("lora_rank trains a LoRA on a copy of the network; use init='copy' or 'auto'")
+    elif cfg.lora_alpha is not None or cfg.lora_targets is not None:
+        raise ValueError("lora_alpha and lora_targets need lora_rank")
+    if cfg.lora_targets is not None and (isinstance(cfg.lora_targets, str) or not cfg.lora_targets):
+        raise ValueError(f"lora_targets must be a non-empty list of module names, got {cfg.lora_targets!r}")
+
+
+# --- many prompts ---------------------------------------------------------------------------------
+
+def _rows(c, what: str):
+    """Row count of a condition (tensor, or dict of tensors / lists), checking they agree."""
+    if torch.is_tensor(c):
+        return 1 if c.ndim == 0 else c.shape[0]
+    if isinstance(c, (list, tuple)) and not any(torch.is_tensor(v) or isinstance(v, (dict, list, tuple)) for v in c):
+        return len(c)
+    if isinstance(c, dict) and c:
+        n = {k: _rows(v, f"{what}[{k!r}]") for k, v in c.items()}
+        if len(set(n.values())) != 1:
+            raise ValueError(f"{what} has entries with different row counts {n}")
+        return next(iter(n.values()))
+    raise ValueError(f"{what} must be a tensor or a dict of tensors (e.g. encode_prompts output), "
+                     f"got {type(c).__name__}")
+
+
+def _split_prompts(prompts) -> list:
+    """The list of per-prompt conditions: a list as given, or the rows of one batched dict."""
+    if isinstance(prompts, dict):
+        n = _rows(prompts, "prompts")
+        return [{k: v[j:j + 1] for k, v in prompts.items()} for j in range(n)]
+    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError(f"prompts must be a non-empty list of conditions or an encode_prompts dict, got {prompts!r}")
+    if all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts are text: encode them once with the pipeline's own encoders, "
+                         "prompts=tiltflow.models.diffusers_adapter.encode_prompts(pipe, [...]), "
+                         "and pass that (or a list of per-prompt conditions)")
+    conds = []
+    for j, c in enumerate(prompts):
+        if isinstance(c, (int, float)) and not isinstance(c, bool):
+            c = torch.tensor([c])
+        if _rows(c, f"prompts[{j}]") != 1:
+            raise ValueError(f"prompts[{j}] has {_rows(c, f'prompts[{j}]')} rows; each prompt's condition "
+                             "must have exactly one row (pass a batched encode_prompts dict to split it)")
+        conds.append(c)
+    return conds
+
+
+def _repeat(c, n: int):
+    """One-row condition c repeated to n rows."""
+    if torch.is_tensor(c):
+        c = c.reshape(1) if c.ndim == 0 else c
+        return c.expand(n, *c.shape[1:])
+    if isinstance(c, dict):
+        return {k: _repeat(v, n) for k, v in c.items()}
+    return list(c) * n
+
+
+def _cat(conds: list):
+    """Row-wise concatenation of conditions of the same structure."""
+    c0 = conds[0]
+    if torch.is_tensor(c0):
+        return torch.cat(conds)
+    if isinstance(c0, dict):
+        return {k: _cat([c[k] for c in conds]) for k in c0}
+    return [v for c in conds for v in c]
+
+
+def _stack_prompts(conds: list, counts) -> object:
+    """conds[p] repeated counts[p] times, in order: the condition of a pooled batch."""
+    return _cat([_repeat(c, k) for c, k in zip(conds, counts) if k > 0])
+
+
+class _PromptSchedule:
+    """Micro-batch k -> prompt π_e(k mod P), e = k div P, π_e a permutation seeded by (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def __call__(self, k: int) -> int:
+        e, j = divmod(k, self.n)
+        if e not in self._perms:
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * e + 1) % 2**63)
+            self._perms = {e: torch.randperm(self.n, generator=g).tolist()}   # only the current epoch
+        return self._perms[e][j]
+
+
+def _prompt_record(conds) -> dict:
+    """What identifies the prompts in the config (count and a digest of their tensors)."""
+    import hashlib
+    h = hashlib.sha256()
+    for c in conds:
+        for k, v in sorted(c.items()) if isinstance(c, dict) else [("", c)]:
+            h.update(str(k).encode())
+            if torch.is_tensor(v):
+                h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+            else:
+                h.update(repr(v).encode())
+    return {"count": len(conds), "sha256": h.hexdigest()[:16]}
+
+
+class _Params(torch.nn.Module):
+    """A module whose state is just the given parameters (shared, not copied): LoRA checkpoints."""
+
+    def __init__(self, named):
+        super().__init__()
+        for n, p in named:
+            self.register_parameter(n.replace(".", "__"), p)
 
 
 def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(128, 128), seed: int = 0) -> FlowModel:
@@ -102,13 +235,18 @@ def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(12
 
 def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *, out=None,
              resume: bool = False, progress: bool = True, trainable: Callable | None = None,
-             cond=None, callback: Callable | None = None, **kwargs) -> FlowModel:
+             cond=None, prompts=None, callback: Callable | None = None, **kwargs) -> FlowModel:
     """Fine-tune `model` toward p* ∝ p_model · exp(g/λ); returns a new FlowModel (base untouched).
 
     objective: an objective (ExpectedReward, CVaR, ...) or a plain reward callable r(x, cond) -> (batch,).
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
     resume: continue from the newest valid checkpoint in `out`.
-    trainable: optional filter (name, parameter) -> bool choosing which parameters train.
+    trainable: optional filter (name, parameter) -> bool choosing which parameters train (the
+    others are frozen: no gradient memory).
+    cond: one condition for every sample; prompts: instead, a list of per-prompt conditions (or one
+    batched encode_prompts dict), one prompt per micro-batch in a shuffled cycle (module docstring).
+    lora_rank (with lora_alpha, lora_targets): train only a LoRA on a diffusers adapter; the run
+    folder then also holds lora.safetensors (models.diffusers_adapter.load_lora puts it on the base).
     kwargs: any FinetuneConfig field (batch_size, steps, lr, n_loss_times, seed, device, ...).
     callback(iteration, record) is called after each logged iteration.
     """
@@ -123,6 +261,11 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         if not callable(objective):
             raise ValueError(f"objective must be an objective or a reward callable, got {objective!r}")
         objective = ExpectedReward(objective)
+    conds = None
+    if prompts is not None:
+        if cond is not None:
+            raise ValueError("pass either cond (one condition) or prompts (several), not both")
+        conds = _split_prompts(prompts)
     world, rank = dist.setup()
     main = rank == 0
     shards = world * cfg.grad_accum
@@ -134,10 +277,25 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     base = model.copy().to(device).eval()
     base.requires_grad_(False)
     ft = make_finetune_model(base, cfg.init, cfg.residual_hidden, cfg.seed)
+    if cfg.lora_rank is not None:
+        from ..models import diffusers_adapter as da
+        with torch.random.fork_rng(devices=[]):   # LoRA A's init depends on `seed` only
+            torch.manual_seed(cfg.seed)
+            da.add_lora(ft, cfg.lora_rank, cfg.lora_alpha,
+                        da.DEFAULT_TARGETS if cfg.lora_targets is None else tuple(cfg.lora_targets))
+        ft.to(device)
     dist.broadcast_module(ft)
-    params = [p for n, p in ft.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
+    named = [(n, p) for n, p in ft.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
+    params = [p for _, p in named]
     if not params:
         raise ValueError("no trainable parameters (check `trainable` and `init`)")
+    if trainable is not None:   # no gradients (nor their memory) for the parameters that do not train
+        chosen = {id(p) for p in params}
+        for p in ft.parameters():
+            if id(p) not in chosen:
+                p.requires_grad_(False)
+    # LoRA runs checkpoint only the LoRA weights (the rest is the base, fixed by the config hash)
+    ck_modules = {"lora": _Params(named)} if cfg.lora_rank is not None else {"model": ft}
     opt = torch.optim.Adam(params, lr=cfg.lr)
     solver = get_solver(cfg.solver, **cfg.solver_options)
     if solver is not None:
@@ -152,12 +310,22 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     # drawn shard by shard and gathered, so every process solves it on the same n_offline samples.
     t_stage1 = time.perf_counter()
     x_off = None
-    if getattr(objective, "needs_offline", True):
+    cond_off = cond
+    if getattr(objective, "needs_offline", True) and conds is None:
         sizes = dist.shard_sizes(cfg.n_offline, shards)
         x_off = torch.cat([base.sample(sizes[i], steps=cfg.steps, sde=True, cond=cond, generator=gens[i])
                            for i in mine if sizes[i] > 0])
         x_off = dist.all_gather(x_off)
-    reward = objective.pseudo_reward(x_off, cfg.lam, cond)
+    elif getattr(objective, "needs_offline", True):
+        # prompt p gets shard_sizes(n_offline, P)[p] samples, split over the shards; gathered in
+        # (shard, prompt) order, which every process knows, so each builds the pooled condition
+        part = [dist.shard_sizes(k, shards) for k in dist.shard_sizes(cfg.n_offline, len(conds))]
+        x_off = [base.sample(part[p][i], steps=cfg.steps, sde=True, cond=conds[p], generator=gens[i])
+                 for i in mine for p in range(len(conds)) if part[p][i] > 0]
+        x_off = dist.all_gather(torch.cat(x_off) if x_off else torch.zeros(0, *base.shape, device=device))
+        cond_off = _cat([_stack_prompts(conds, [part[p][i] for p in range(len(conds))])
+                         for i in range(shards) if any(part[p][i] for p in range(len(conds)))])
+    reward = objective.pseudo_reward(x_off, cfg.lam, cond_off)
     t_stage1 = time.perf_counter() - t_stage1
     raw_reward = getattr(objective, "reward", reward)
     stage1 = getattr(objective, "solution", None)
@@ -166,6 +334,11 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     start, nonfinite_total = 0, 0
     config_record = {**asdict(cfg), "objective": repr(objective), "base": base.config(),
                      "base_weights": ckpt.fingerprint(base), "shards": shards}
+    for k in _OPTIONAL_KEYS:
+        if config_record[k] is None:
+            del config_record[k]
+    if conds is not None:
+        config_record["prompts"] = _prompt_record(conds)
     resumable = ("iters", "steps", "grad_accum")
     chash = ckpt.config_hash(config_record, resumable)
     if out is not None:
@@ -175,7 +348,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             if stage1 is not None:
                 ckpt.write_json(run / "stage1.json", asdict(stage1) if hasattr(stage1, "__dataclass_fields__") else stage1)
         if resume:
-            meta = ckpt.load_latest(run, {"model": ft}, opt, {gen_names[i]: gens[i] for i in mine},
+            meta = ckpt.load_latest(run, ck_modules, opt, {gen_names[i]: gens[i] for i in mine},
                                     warn=print if main else (lambda msg: None), config_hash=chash)
             if meta is not None:
                 start = meta["step"]
@@ -193,6 +366,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                desc="finetune", dynamic_ncols=True)
     record = {}
     nonfinite_run = 0
+    schedule = _PromptSchedule(len(conds), cfg.seed) if conds is not None else None
     for it in bar:
         t0 = time.perf_counter()
         if cfg.lr_final is not None:  # cosine, a function of the iteration only (resume-safe)
@@ -201,8 +375,12 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         opt.zero_grad(set_to_none=True)
         losses, kls, x1s, gs = [], [], [], []
         t_roll = t_adj = 0.0
+        if conds is not None:   # the prompt of each micro-batch of this iteration (all processes)
+            pick = [schedule(it * shards + j) for j in range(shards)]
         for i in mine:
             gen = gens[i]
+            if conds is not None:
+                cond = conds[pick[i]]
             ft.eval()
             ta = time.perf_counter()
             if solver is None:
@@ -235,7 +413,8 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         x1 = torch.cat(x1s)
         with torch.no_grad():
             g_all = torch.cat(gs)
-            r = raw_reward(x1, cond) if raw_reward is not reward else g_all
+            r_cond = cond if conds is None else _stack_prompts([conds[pick[i]] for i in mine], [micro] * len(mine))
+            r = raw_reward(x1, r_cond) if raw_reward is not reward else g_all
         local["diversity"] = mean_pairwise_distance(x1[:256])
         reduced = dist.mean(local)
         if not (math.isfinite(reduced["loss"]) and math.isfinite(gnorm)):
@@ -258,7 +437,8 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                   "pseudo_reward_mean": float(rg[:, 1].mean()),
                   **({"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
                   "diversity": reduced["diversity"], "nonfinite_skipped": nonfinite_total,
-                  "time_rollout": t_roll, "time_adjoint": t_adj, "time_loss": t3 - t0 - t_roll - t_adj}
+                  "time_rollout": t_roll, "time_adjoint": t_adj, "time_loss": t3 - t0 - t_roll - t_adj,
+                  **({"prompts": pick} if conds is not None else {})}
         bar.set_postfix(loss=f"{record['loss']:.3g}", r=f"{record['reward_mean']:.3g}", kl=f"{record['kl']:.3g}")
         if run is not None:
             if main:
@@ -266,7 +446,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters:
                 states = dist.gather_generator_states(gens)          # collective: every process
                 if main:
-                    ckpt.save_checkpoint(run, it + 1, {"model": ft}, opt,
+                    ckpt.save_checkpoint(run, it + 1, ck_modules, opt,
                                          {("train" if i == 0 else f"train_{i}"): s for i, s in states.items()},
                                          extra={"shards": shards, "nonfinite_total": nonfinite_total},
                                          config_hash=chash)
@@ -276,6 +456,9 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     ft.requires_grad_(False)
     if run is not None and main:
         ft.save(run / "model.safetensors")
+        from ..models import diffusers_adapter as da
+        if isinstance(ft.net, da._DiffusersVelocity) and ft.net.lora is not None:
+            da.save_lora(ft, run / "lora.safetensors")
         ckpt.write_json(run / "metrics.json", {
             "final": record, "time_stage1": t_stage1,
             "stage1": asdict(stage1) if stage1 is not None and hasattr(stage1, "__dataclass_fields__") else None})

@@ -26,7 +26,8 @@ define p_base in the tilt p* ∝ p_base exp(r/λ); with w > 1 the "base" is the 
 is not the velocity of any diffusion path, and the tilt is relative to that sampler.
 
 LoRA (`add_lora`, `save_lora`, `load_lora`) goes through peft on the wrapped diffusers model;
-finetune(..., trainable=lora_trainable) trains only the LoRA weights.
+finetune(..., lora_rank=r) adds one to its copy and trains only it (or add_lora on the base and
+finetune(..., init="copy", trainable=lora_trainable)).
 """
 
 from __future__ import annotations
