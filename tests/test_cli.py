@@ -171,3 +171,32 @@ def test_sample_energy_writes_a_resumable_run_with_samples_and_metrics(tmp_path,
     assert "lj55" in err and err.strip().count("\n") == 0
     args = cli.build_parser().parse_args(["sample-energy", "--energy", "dw4", "--lr", "0.01"])
     assert args.lr == 0.01 and args.epochs is None   # unset flags fall back to the energy's presets
+
+
+def test_molecules_pretrains_finetunes_and_writes_sdf(tmp_path, capsys, monkeypatch):
+    """A tiny ethanol run (~5 s): both SDF files with energies and validity flags, summary.json, the
+    EGNN in pre/ and ft/; --resume with more iterations continues; a bad SMILES exits 2."""
+    pytest.importorskip("rdkit")
+    from rdkit import Chem
+    monkeypatch.setenv("TILTFLOW_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "mol"
+    argv = ["molecules", "--smiles", "CCO", "--n-conformers", "16", "--pretrain-steps", "20",
+            "--pretrain-batch-size", "16", "--hidden", "8,8", "--iters", "2", "--batch-size", "8", "--steps", "4",
+            "--n-offline", "32", "--n-samples", "4", "--sample-steps", "4", "--out", str(out), "--no-progress"]
+    assert cli.main(argv) == 0
+    for name in ("base", "finetuned"):
+        mols = list(Chem.SDMolSupplier(str(out / f"{name}.sdf"), removeHs=False))
+        assert len(mols) == 4 and all(m.GetNumAtoms() == 9 for m in mols)
+        assert all(m.HasProp("MMFF94_energy_kcal_mol") and m.HasProp("valid") for m in mols)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["models"]) == {"data", "base", "finetuned"} and summary["atoms"] == 9
+    assert summary["models"]["data"]["rate_valid"] == 1.0
+    assert json.loads((out / "config.json").read_text())["objective"] == "cvar"
+    assert json.loads((out / "pre" / "config.json").read_text())["network"]["class"] == "EGNNVelocity"
+    assert (out / "ft" / "model.safetensors").is_file()
+    assert cli.main([*argv[:-3], "--iters", "3", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert len((out / "ft" / "log.jsonl").read_text().splitlines()) >= 1
+    capsys.readouterr()
+    assert cli.main(["molecules", "--smiles", "not-a-molecule", "--out", str(tmp_path / "bad"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "not-a-molecule" in err and err.strip().count("\n") == 0

@@ -205,3 +205,77 @@ def test_reads_smi_and_sdf_files_and_the_nci_set(ethanol, tmp_path):
     ethanol.write_sdf(ethanol.data[:1], tmp_path / "m.sdf")
     b = molecules.conformers(tmp_path / "m.sdf", n=2, seed=0, cache_dir=tmp_path)
     assert b.graph.atomic_numbers.tolist() == ethanol.graph.atomic_numbers.tolist()
+
+
+# --- pretrain(model="egnn") and the tail-aware fine-tuning check ------------------------------
+
+def _state_equal(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pretrain_egnn_resumes_and_round_trips(ethanol, tmp_path):
+    import json
+
+    import tiltflow as tilt
+    kw = dict(model="egnn", cond=ethanol.graph, hidden=(8, 8), batch_size=8, checkpoint_every=3,
+              progress=False, seed=1)
+    full = tilt.pretrain(ethanol.data, 6, out=tmp_path / "a", **kw)
+    assert isinstance(full.net, tilt.EGNNVelocity) and full.net.n_layers == 2 and full.net.hidden == 8
+    # stop at step 3 (its checkpoint), resume to 6: the same weights as the uninterrupted run
+    tilt.pretrain(ethanol.data, 3, out=tmp_path / "b", **kw)
+    resumed = tilt.pretrain(ethanol.data, 6, out=tmp_path / "b", resume=True, **kw)
+    assert _state_equal(full, resumed)
+    loaded = tilt.FlowModel.load(tmp_path / "b" / "model.safetensors")
+    assert isinstance(loaded.net, tilt.EGNNVelocity) and _state_equal(loaded, full)
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["network"]["class"] == "EGNNVelocity" and cfg["hidden"] == [8, 8]
+    x = loaded.sample(4, steps=4, seed=0)
+    assert x.shape == (4, 27) and x.reshape(4, 9, 3).mean(1).abs().max() < 1e-3     # mean-free
+    # a ready network is copied, not trained in place
+    net = tilt.EGNNVelocity.from_graph(ethanol.graph, hidden=8, layers=1)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    m = tilt.pretrain(ethanol.data, 2, model=net, batch_size=8, progress=False)
+    assert isinstance(m.net, tilt.EGNNVelocity) and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_pretrain_model_errors(ethanol):
+    import tiltflow as tilt
+    with pytest.raises(ValueError, match="needs cond=the molecular graph"):
+        tilt.pretrain(ethanol.data, 2, model="egnn", progress=False)
+    with pytest.raises(ValueError, match="model='egnn'"):
+        tilt.pretrain(ethanol.data, 2, cond=ethanol.graph, progress=False)       # graph given to the MLP
+    with pytest.raises(ValueError, match="one width"):
+        tilt.pretrain(ethanol.data, 2, model="egnn", cond=ethanol.graph, hidden=(8, 16), progress=False)
+    with pytest.raises(ValueError, match="9 atoms"):
+        tilt.pretrain(ethanol.data[:, :24], 2, model="egnn", cond=ethanol.graph, progress=False)
+    with pytest.raises(ValueError, match="model must be one of"):
+        tilt.pretrain(ethanol.data, 2, model="transformer", progress=False)
+
+
+def test_left_cvar_lowers_worst_energies_more_than_expected_reward(tmp_path):
+    """The issue's check: on ethanol, left-CVaR₀.₁ fine-tuning on r = −E_MMFF94 lowers the mean of
+    the worst 10 % of energies more than expected-reward fine-tuning at the same λ.
+
+    EGNN 32×3 pretrained 1000 steps, Adjoint Matching 80 iterations of 32 trajectories, λ = 100,
+    512 ODE samples per model. Fine-tuning seeds 0–5 of this setting gave left/expected worst-10 %
+    ratios 0.45, 0.64, 0.75, 0.51, 0.80, 0.23; we require < 0.9 (seed 0) and that both improved
+    on the base.
+    """
+    import tiltflow as tilt
+    task = molecules.conformers("CCO", n=256, seed=0, cache_dir=tmp_path)
+    base = tilt.pretrain(task.data, 1000, model="egnn", cond=task.graph, hidden=(32,) * 3, batch_size=64,
+                         lr=2e-3, progress=False)
+    r = task.reward("mmff")
+
+    def worst10(model):
+        e = task.energy(model.sample(512, steps=20, seed=123)).sort(descending=True).values
+        return float(e[:51].mean())
+
+    kw = dict(lam=100.0, iters=80, batch_size=32, steps=10, lr=5e-4, init="copy", n_offline=256,
+              progress=False, seed=0)
+    expected = worst10(tilt.finetune(base, tilt.ExpectedReward(r), **kw))
+    left = worst10(tilt.finetune(base, tilt.CVaR(r, level=0.1, tail="left"), **kw))
+    b = worst10(base)
+    assert expected < b and left < b
+    assert left < 0.9 * expected, (b, expected, left)

@@ -44,6 +44,17 @@ def setup() -> tuple[int, int]:
     return world_size(), rank()
 
 
+def setup_batches(batch_size: int, grad_accum: int) -> tuple[int, int, int, int]:
+    """setup(), then the split of the global `batch_size` into processes × grad_accum equal
+    micro-batches: returns (world, rank, shards, micro-batch size); ValueError if it does not divide."""
+    world, rank = setup()
+    shards = world * grad_accum
+    if batch_size % shards:
+        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {grad_accum}, "
+                         f"got {batch_size}; it is the global batch, split into equal micro-batches")
+    return world, rank, shards, batch_size // shards
+
+
 def shutdown() -> None:
     """Close the default process group if one is open (the CLI calls this on exit)."""
     if dist.is_available() and dist.is_initialized():

@@ -266,13 +266,8 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         if cond is not None:
             raise ValueError("pass either cond (one condition) or prompts (several), not both")
         conds = _split_prompts(prompts)
-    world, rank = dist.setup()
+    world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
-    shards = world * cfg.grad_accum
-    if cfg.batch_size % shards:
-        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {cfg.grad_accum}, "
-                         f"got {cfg.batch_size}; it is the global batch, split into equal micro-batches")
-    micro = cfg.batch_size // shards
     device = dist.device(cfg.device)
     base = model.copy().to(device).eval()
     base.requires_grad_(False)

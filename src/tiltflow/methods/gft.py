@@ -437,13 +437,8 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     target = check_target_samples(target_samples, model.shape)
     if cfg.coupling != "independent":
         _import_ot(cfg.coupling)
-    world, rank = dist.setup()
+    world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
-    shards = world * cfg.grad_accum
-    if cfg.batch_size % shards:
-        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {cfg.grad_accum}, "
-                         f"got {cfg.batch_size}; it is the global batch, split into equal micro-batches")
-    micro = cfg.batch_size // shards
     dev = dist.device(cfg.device)
     total = len(taus) * cfg.steps_per_stage
 

@@ -22,6 +22,7 @@ the gradients are averaged over processes; OT coupling pairs within each micro-b
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from pathlib import Path
 from types import BuiltinFunctionType, FunctionType, MethodType
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
@@ -39,11 +41,14 @@ from .. import distributed as dist
 from ..metrics import energy_distance
 from ..models.flow_model import FlowModel
 from ..models.mlp import MLPVelocity
+from ..models.egnn import EGNNVelocity
 from ..paths import AffinePath, get_path
 
 LOG_EVERY = 50          # steps averaged into one log.jsonl record
 N_EVAL = 2000           # model and data samples for the final energy distance
 EVAL_ODE_STEPS = 50     # Heun steps of the evaluation samples
+MODELS = ("mlp", "egnn")                                              # networks pretrain builds
+DEFAULT_HIDDEN = {"mlp": (256, 256, 256), "egnn": (64, 64, 64, 64)}   # hidden=None means these
 
 
 @dataclass
@@ -53,7 +58,7 @@ class PretrainConfig:
     batch_size: int = 256              # minibatch per step, over all processes (the global batch)
     grad_accum: int = 1                # micro-batches per process and step (gradient accumulation)
     lr: float = 1e-3                   # Adam learning rate (after warm-up)
-    hidden: tuple = (256, 256, 256)    # widths of the MLP velocity network
+    hidden: tuple = (256, 256, 256)    # widths of the MLP velocity network (EGNN: (width,) * layers)
     path: str | dict = "rectified"     # probability path: a name or AffinePath.config()
     coupling: str = "independent"      # "independent" or "ot" (minibatch exact OT)
     ema: float = 0.999                 # decay of the weight average the returned model uses
@@ -82,7 +87,9 @@ def _validate(cfg: PretrainConfig):
         raise ValueError(f"grad_clip must be a non-negative finite number (0 disables), got {cfg.grad_clip!r}")
     if isinstance(cfg.lr_warmup, bool) or not isinstance(cfg.lr_warmup, int) or cfg.lr_warmup < 0:
         raise ValueError(f"lr_warmup must be a non-negative integer, got {cfg.lr_warmup!r}")
-    if not cfg.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in cfg.hidden):
+    if cfg.hidden is None:    # a ready network (model=nn.Module): nothing to build
+        pass
+    elif not cfg.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in cfg.hidden):
         raise ValueError(f"hidden must be a non-empty sequence of positive integers, got {cfg.hidden!r}")
     if cfg.coupling not in ("independent", "ot"):
         raise ValueError(f"coupling must be 'independent' or 'ot', got {cfg.coupling!r}")
@@ -228,6 +235,55 @@ def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     return perm.to(x0.device)
 
 
+# --- network ---------------------------------------------------------------------------------
+
+def _is_graph(cond) -> bool:
+    return all(hasattr(cond, a) for a in ("atomic_numbers", "bonds", "bond_orders"))
+
+
+def _network(model, cond, hidden):
+    """Returns (build(dims, cond_dim) -> velocity net, per-row cond for _Data, whether the net is
+    not an MLP (config.json then records net.config()), the resolved hidden).
+
+    model "mlp": MLPVelocity(d, hidden) with `cond` a per-row tensor; "egnn": EGNNVelocity over the
+    molecular graph `cond` (task.graph), hidden = (width,) * layers; an nn.Module: a copy of it.
+    """
+    if isinstance(model, nn.Module):
+        if hidden is not None:
+            raise ValueError("hidden sets the width of a network pretrain builds; with a ready network "
+                             "(model=nn.Module) leave it unset")
+        if cond is not None and _is_graph(cond):
+            raise ValueError("with a ready network the graph is already part of it; drop cond")
+        if not callable(getattr(model, "config", None)):
+            raise ValueError(f"model={type(model).__name__} needs a .config() method (saved with the "
+                             "weights so FlowModel.load can rebuild it), like the networks in tiltflow.models")
+        ready = copy.deepcopy(model).cpu().float()       # the caller's network is not trained in place
+        return (lambda dims, cond_dim: copy.deepcopy(ready)), cond, True, None
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {', '.join(map(repr, MODELS))} or an nn.Module velocity "
+                         f"network, got {model!r}")
+    hidden = DEFAULT_HIDDEN[model] if hidden is None else (tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden)
+    if model == "mlp":
+        if cond is not None and _is_graph(cond):
+            raise ValueError("cond is a molecular graph: pretrain the E(3)-equivariant network with "
+                             "model='egnn', cond=task.graph")
+        return (lambda dims, cond_dim: MLPVelocity(dims[0], hidden, cond_dim=cond_dim)), cond, False, hidden
+    if cond is None or not _is_graph(cond):
+        raise ValueError("model='egnn' needs cond=the molecular graph (task.graph of "
+                         "tiltflow.tasks.molecules.conformers), got "
+                         + ("nothing" if cond is None else type(cond).__name__))
+    if not isinstance(hidden, tuple) or len(set(hidden)) != 1:
+        raise ValueError(f"model='egnn' takes hidden=(width,) * layers with one width, got {hidden!r}")
+    graph = cond
+
+    def build(dims, cond_dim):
+        if dims != (3 * graph.num_atoms,):
+            raise ValueError(f"data has shape (n, {', '.join(map(str, dims))}) but the graph has "
+                             f"{graph.num_atoms} atoms: model='egnn' needs (n, {3 * graph.num_atoms}) coordinates")
+        return EGNNVelocity.from_graph(graph, hidden=hidden[0], layers=len(hidden))
+    return build, None, True, hidden
+
+
 # --- loss ------------------------------------------------------------------------------------
 
 def cfm_loss(model: FlowModel, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
@@ -264,17 +320,24 @@ def _update_ema(ema: FlowModel, model: FlowModel, decay: float, step: int):
 # --- training loop ---------------------------------------------------------------------------
 
 def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3,
-             hidden=(256, 256, 256), path="rectified", coupling: str = "independent",
+             hidden=None, path="rectified", coupling: str = "independent",
              ema: float = 0.999, grad_clip: float = 1.0, seed: int = 0, device="cpu", out=None,
              resume: bool = False, progress: bool = True, checkpoint_every: int = 500,
-             lr_warmup: int = 0, grad_accum: int = 1, max_nonfinite: int = 5, cond=None) -> FlowModel:
-    """Train a FlowModel with an MLP velocity on `data` by conditional flow matching.
+             lr_warmup: int = 0, grad_accum: int = 1, max_nonfinite: int = 5, cond=None,
+             model="mlp") -> FlowModel:
+    """Train a FlowModel on `data` by conditional flow matching.
 
     data: a tensor (n, d) (minibatches drawn with replacement), an object with
       `.sample(n, generator=...) -> (n, d)` (the toy2d distributions), or a callable
       `(n, generator) -> (n, d)`. Only vector data for now.
-    cond: optional tensor (n, cond_dim) paired row by row with tensor data; the network then
-      takes cond as input and `model.sample(..., cond=...)` samples conditionally.
+    model: the velocity network. "mlp" (default): MLPVelocity(d, hidden), hidden defaulting to
+      (256, 256, 256). "egnn": the E(3)-equivariant EGNNVelocity over the atoms of one molecule,
+      with cond=task.graph (tiltflow.tasks.molecules) and data (n, atoms * 3) coordinates;
+      hidden=(width,) * layers, default (64,) * 4. Or a ready nn.Module velocity net(x, t, cond)
+      with a .config() (any tiltflow.models network): a copy of it is trained, its weights as given.
+    cond: for the MLP, an optional tensor (n, cond_dim) paired row by row with tensor data; the
+      network then takes cond as input and `model.sample(..., cond=...)` samples conditionally.
+      For model="egnn", the molecular graph (fixed, part of the network).
     path: "rectified", "vp", an AffinePath, or its config dict. coupling: "independent" or "ot".
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
       resume=True continues from its newest valid checkpoint (steps may be raised to train longer).
@@ -287,6 +350,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
     gradients.
     """
     path = get_path(path) if not isinstance(path, AffinePath) else path
+    build_net, cond, not_mlp, hidden = _network(model, cond, hidden)
     cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr,
                          hidden=tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden,
                          path=path.config(), coupling=coupling, ema=ema, grad_clip=grad_clip, seed=seed,
@@ -297,20 +361,15 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
         raise ValueError("resume=True needs out, the run folder to resume from")
     if cfg.coupling == "ot":
         _import_ot()
-    world, rank = dist.setup()
+    world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
-    shards = world * cfg.grad_accum
-    if cfg.batch_size % shards:
-        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {cfg.grad_accum}, "
-                         f"got {cfg.batch_size}; it is the global batch, split into equal micro-batches")
-    micro = cfg.batch_size // shards
     dev = dist.device(cfg.device)
     source = _Data(data, cond, cfg.seed)
 
     # Initialise from `seed` without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        net = MLPVelocity(source.dims[0], cfg.hidden, cond_dim=source.cond_dim)
+        net = build_net(source.dims, source.cond_dim)
     model = FlowModel(net, path, source.dims).to(dev)
     dist.broadcast_module(model)
     avg = model.copy()
@@ -322,6 +381,8 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
 
     run, start, nonfinite_total = None, 0, 0
     record_cfg = {**asdict(cfg), "data": source.description, "cond_dim": source.cond_dim, "shards": shards}
+    if not_mlp:       # only for other networks: MLP runs keep their config hash
+        record_cfg["network"] = net.config()
     resumable = ("steps", "grad_accum")
     chash = ckpt.config_hash(record_cfg, resumable)
     if out is not None:

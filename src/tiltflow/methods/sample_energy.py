@@ -179,13 +179,8 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
             raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
     if project is None:
         project = getattr(energy, "project", None)
-    world, rank = dist.setup()
+    world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
-    shards = world * cfg.grad_accum
-    if cfg.batch_size % shards:
-        raise ValueError(f"batch_size must be divisible by processes × grad_accum = {world} × {cfg.grad_accum}, "
-                         f"got {cfg.batch_size}; it is the global batch, split into equal micro-batches")
-    micro = cfg.batch_size // shards
     roll = dist.shard_sizes(cfg.samples_per_epoch, shards)     # rollout paths of each shard
     device = dist.device(cfg.device)
     prior = gaussian_prior(dim, cfg.prior_scale).to(device).eval()
