@@ -1,19 +1,23 @@
-"""Molecules: does left-CVaR fine-tuning on −MMFF94 energy lower the worst conformers' energies
-more than expected-reward fine-tuning at the same λ, and what does it do to validity and diversity?
+"""Molecules: how do expected-reward and tail-aware (TFFT, left/right CVaR) fine-tuning on −MMFF94
+energy change the energies, validity and diversity of conformers, on three molecules of growing size?
 
-One small molecule (ethanol by default): 512 ETKDG + MMFF94 conformers; an EGNN velocity
-(tilt.models.EGNNVelocity, 64 hidden, 4 layers) pretrained by conditional flow matching on the
-rectified path (`tilt.pretrain(task.data, model="egnn", cond=task.graph)`, lr 2e-3, EMA 0.999); then Adjoint Matching fine-tuning (`init="copy"`, so the fine-tuned velocity stays
-E(3)-equivariant) with r = −E_MMFF94 (kcal/mol) under ExpectedReward and CVaR(level=β,
-tail="left") at the same λ. For each model: energy quantiles, left/right CVaR of r at 5/10/20 %,
-validity (bond lengths within 15 % of the data's, no clashes below 0.7 × the van der Waals
-contact, stereo kept) and mean pairwise Kabsch RMSD, on 512 ODE samples; and seconds per
-fine-tuning iteration.
+Three molecules (default ethanol CCO, 9 atoms; glycine NCC(=O)O, 10; L-alanine C[C@@H](C(=O)O)N,
+13, with explicit H): 512 ETKDG + MMFF94 conformers each; an EGNN velocity (64 hidden, 4 layers)
+pretrained by conditional flow matching (`tilt.pretrain(task.data, model="egnn", cond=task.graph)`,
+lr 2e-3, EMA 0.999; 800 steps of batch 128); then Adjoint Matching fine-tuning (20 iterations of
+batch 32, 20 SDE steps, lr 5e-4, λ = 100; 256 evaluation samples) (`init="copy"`, so the fine-tuned velocity
+stays E(3)-equivariant) with r = −E_MMFF94 (kcal/mol) under ExpectedReward and TFFT
+(`tilt.CVaR(r, level=β, tail=...)`) right and left at β ∈ {0.05, 0.1, 0.2}, all at the same λ,
+iterations, batch, lr and seed. For each model, on ODE samples: energy quantiles (5/25/50/75/95 %),
+left/right CVaR of r at 5/10/20 % (worst / best β fraction of −energy), validity (bond lengths
+within 15 % of the data's, no clashes below 0.7 × the van der Waals contact, stereo kept), mean
+pairwise Kabsch RMSD; and wall seconds of each fine-tuning run and per iteration (TFFT's stage 1,
+sampling the offline base set and solving for η*, is inside its run).
 
-Writes results/molecules.json (no figure yet).
+Writes results/molecules.json and results/molecules.png (results/molecules_quick.* with --quick).
 
-    python benchmarks/molecules.py            # ~6 min on one thread
-    python benchmarks/molecules.py --quick    # smoke test (~1 min)
+    python benchmarks/molecules.py            # ~15 min on one thread (shared machine)
+    python benchmarks/molecules.py --quick    # smoke test, ethanol only (~20 s)
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 import tiltflow as tilt
@@ -29,6 +34,9 @@ from tiltflow.models import FlowModel
 from tiltflow.tasks import molecules
 
 from _common import RESULTS, environment, setup_torch
+
+MOLECULES = {"ethanol": "CCO", "glycine": "NCC(=O)O", "alanine": "C[C@@H](C(=O)O)N"}
+LEVELS = (0.05, 0.1, 0.2)
 
 
 def pretrain_egnn(task, steps: int, batch: int, seed: int) -> tuple[FlowModel, float]:
@@ -39,54 +47,117 @@ def pretrain_egnn(task, steps: int, batch: int, seed: int) -> tuple[FlowModel, f
     return model, time.perf_counter() - t0
 
 
+def evaluate(task, x) -> dict:
+    """task.evaluate plus the 25 % and 75 % energy quantiles (over finite samples)."""
+    ev = task.evaluate(x)
+    c = x[torch.isfinite(x).all(dim=1)]
+    e = task.energy(c).numpy()
+    for q in (0.25, 0.75):
+        ev[f"energy_q{int(q * 100):02d}"] = float(np.quantile(e, q))
+    ev["worst10_energy"] = -ev["reward_cvar_left_0.1"]   # mean energy of the worst 10 % (kcal/mol)
+    return ev
+
+
+def run_molecule(name: str, smiles: str, args, cfg: dict) -> dict:
+    task = molecules.conformers(smiles, n=512, seed=0)
+    out = {"smiles": smiles, "atoms": task.n_atoms, "models": {}}
+    out["models"]["data"] = evaluate(task, task.data[:cfg["n_eval"]])
+    base, t_pre = pretrain_egnn(task, cfg["pre_steps"], 128, seed=0)
+    out["pretrain_seconds"] = t_pre
+    out["models"]["base"] = evaluate(task, base.sample(cfg["n_eval"], steps=50, seed=1))
+    print(name, task.n_atoms, "atoms; pretrain", round(t_pre, 1), "s; base worst10",
+          round(out["models"]["base"]["worst10_energy"], 1), flush=True)
+
+    reward = task.reward("mmff")
+    methods = [("expected", tilt.ExpectedReward(reward))]
+    methods += [(f"{tail}_{b:g}", tilt.CVaR(reward, level=b, tail=tail))
+                for tail in ("right", "left") for b in cfg["levels"]]
+    for label, objective in methods:
+        t0 = time.perf_counter()
+        ft = tilt.finetune(base, objective, lam=args.lam, **cfg["ft"], progress=False)
+        seconds = time.perf_counter() - t0
+        ev = evaluate(task, ft.sample(cfg["n_eval"], steps=50, seed=1))
+        ev["seconds"] = seconds
+        ev["seconds_per_iteration"] = seconds / cfg["ft"]["iters"]
+        out["models"][label] = ev
+        print(f"  {label:10s} worst10 {ev['worst10_energy']:9.1f}  q50 {ev['energy_q50']:7.1f}  "
+              f"q05 {ev['energy_q05']:7.1f}  valid {ev['rate_valid']:.3f}  rmsd {ev['diversity_rmsd']:.3f}  "
+              f"{ev['seconds_per_iteration']:.2f} s/it", flush=True)
+    m = out["models"]
+    b = m["base"]
+    out["answer"] = {
+        "worst10_energy": {k: v["worst10_energy"] for k, v in m.items()},
+        "validity": {k: v["rate_valid"] for k, v in m.items()},
+        "diversity_rmsd": {k: v["diversity_rmsd"] for k, v in m.items()},
+        "left_0.1_beats_expected_on_worst10": m["left_0.1"]["worst10_energy"] < m["expected"]["worst10_energy"],
+        "validity_change_vs_base": {k: v["rate_valid"] - b["rate_valid"] for k, v in m.items() if k != "data"},
+        "diversity_change_vs_base": {k: v["diversity_rmsd"] - b["diversity_rmsd"] for k, v in m.items() if k != "data"},
+    }
+    return out
+
+
+def plot(results: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mols = list(results["molecules"])
+    fig, axes = plt.subplots(len(mols), 3, figsize=(13, 3.1 * len(mols)), squeeze=False)
+    for i, mol in enumerate(mols):
+        m = results["molecules"][mol]["models"]
+        names = [k for k in m if k != "data"]
+        colors = ["0.5", "C0"] + ["C3"] * len(results["levels"]) + ["C2"] * len(results["levels"])
+        colors = colors[:len(names)]
+        for j, (key, label) in enumerate([("worst10_energy", "worst-10 % mean energy (kcal/mol)"),
+                                          ("rate_valid", "validity rate"),
+                                          ("diversity_rmsd", "RMSD diversity (Å)")]):
+            ax = axes[i, j]
+            vals = [m[k][key] for k in names]
+            ax.bar(range(len(names)), vals, color=colors)
+            ax.axhline(m["data"][key], color="k", ls="--", lw=1, label="data")
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
+            if key == "worst10_energy" and min(vals) > 0:
+                ax.set_yscale("log")
+            ax.set_title(f"{mol} ({results['molecules'][mol]['atoms']} atoms): {label}", fontsize=9)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"EGNN + Adjoint Matching on −MMFF94, λ = {results['lam']:g}; grey base, blue expected, "
+                 "red TFFT right, green TFFT left (β = 0.05, 0.1, 0.2)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smiles", default="CCO")
+    ap.add_argument("--molecules", nargs="+", default=list(MOLECULES),
+                    help=f"names from {list(MOLECULES)} or SMILES")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--lam", type=float, default=100.0)
-    ap.add_argument("--level", type=float, default=0.1)
+    ap.add_argument("--iters", type=int, default=None)
     args = ap.parse_args()
     setup_torch(1)
     quick = args.quick
-    pre_steps, iters, n_eval = (150, 5, 128) if quick else (1000, 40, 512)
-    ft_kw = dict(iters=iters, batch_size=32 if quick else 64, steps=20, lr=2e-4, init="copy",
-                 n_offline=256 if quick else 1024, progress=False, seed=0)
-
-    task = molecules.conformers(args.smiles, n=512, seed=0)
-    results = {"question": __doc__.split("\n\n")[0], "environment": environment(),
-               "molecule": task.name, "atoms": task.n_atoms, "lam": args.lam, "level": args.level,
-               "finetune": {k: v for k, v in ft_kw.items() if k != "progress"},
-               "pretrain_steps": pre_steps, "n_eval": n_eval, "models": {}}
-    results["models"]["data"] = task.evaluate(task.data[:n_eval])
-    base, t_pre = pretrain_egnn(task, pre_steps, 128, seed=0)
-    results["pretrain_seconds"] = t_pre
-    results["models"]["base"] = task.evaluate(base.sample(n_eval, steps=50, seed=1))
-    print("base", results["models"]["base"], flush=True)
-
-    reward = task.reward("mmff")
-    for name, objective in [("expected", tilt.ExpectedReward(reward)),
-                            (f"left_cvar_{args.level}", tilt.CVaR(reward, level=args.level, tail="left"))]:
-        t0 = time.perf_counter()
-        ft = tilt.finetune(base, objective, lam=args.lam, **ft_kw)
-        seconds = time.perf_counter() - t0
-        ev = task.evaluate(ft.sample(n_eval, steps=50, seed=1))
-        ev["seconds"] = seconds
-        ev["seconds_per_iteration"] = seconds / iters
-        results["models"][name] = ev
-        print(name, ev, flush=True)
-
-    b, e, l = (results["models"][k] for k in ("base", "expected", f"left_cvar_{args.level}"))
-    key = f"reward_cvar_left_{args.level}"
-    results["answer"] = {
-        "worst_tail_gain_expected": e[key] - b[key],
-        "worst_tail_gain_left_cvar": l[key] - b[key],
-        "left_cvar_beats_expected_on_worst_tail": l[key] > e[key],
-    }
+    mols = ["ethanol"] if quick and args.molecules == list(MOLECULES) else args.molecules
+    iters = args.iters or (2 if quick else 20)
+    cfg = {"pre_steps": 30 if quick else 800, "n_eval": 64 if quick else 256, "levels": LEVELS,
+           "ft": dict(iters=iters, batch_size=16 if quick else 32, steps=20, lr=5e-4, init="copy",
+                      n_offline=64 if quick else 256, seed=0)}
+    results = {"question": __doc__.split("\n\n")[0], "environment": environment(), "lam": args.lam,
+               "levels": list(LEVELS), "finetune": cfg["ft"], "pretrain_steps": cfg["pre_steps"],
+               "pretrain_batch": 128, "network": "EGNN 64x4", "n_conformers": 512,
+               "n_eval": cfg["n_eval"], "sample_steps": 50, "quick": quick, "molecules": {}}
+    stem = "molecules_quick" if quick else "molecules"
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / ("molecules_quick.json" if quick else "molecules.json")
-    out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results["answer"], indent=2))
-    print(f"wrote {out}")
+    t_all = time.perf_counter()
+    for mol in mols:
+        smiles = MOLECULES.get(mol, mol)
+        results["molecules"][mol] = run_molecule(mol, smiles, args, cfg)
+        results["total_seconds"] = time.perf_counter() - t_all
+        (RESULTS / f"{stem}.json").write_text(json.dumps(results, indent=2))   # after each molecule
+    plot(results, RESULTS / f"{stem}.png")
+    print(f"wrote {RESULTS / (stem + '.json')} and .png; total {results['total_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
