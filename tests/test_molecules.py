@@ -279,3 +279,37 @@ def test_left_cvar_lowers_worst_energies_more_than_expected_reward(tmp_path):
     b = worst10(base)
     assert expected < b and left < b
     assert left < 0.9 * expected, (b, expected, left)
+
+
+def test_distance_and_torsion_rewards_match_rdkit_and_their_gradients_finite_differences(ethanol):
+    """Distances and dihedrals against RDKit's own geometry on the conformers; gradients by
+    central differences; the torsion reward is 0 exactly at the target and 2π-periodic."""
+    from rdkit.Chem import rdMolTransforms as T
+
+    mol = molecules._with_conformer(ethanol.mol, ethanol.coords[0])
+    x = torch.as_tensor(ethanol.data[:4], dtype=torch.float64)
+    heavy = [a.GetIdx() for a in ethanol.mol.GetAtoms() if a.GetAtomicNum() > 1]        # C, C, O
+    h = next(n.GetIdx() for n in ethanol.mol.GetAtomWithIdx(heavy[0]).GetNeighbors() if n.GetAtomicNum() == 1)
+    quad = (h, heavy[0], heavy[1], heavy[2])
+    conf = mol.GetConformer()
+    phi = T.GetDihedralDeg(conf, *quad)
+    d01 = T.GetBondLength(conf, heavy[0], heavy[1])
+    c0 = torch.as_tensor(ethanol.coords[0], dtype=torch.float64)[None]
+    assert math.degrees(float(molecules.dihedral(c0, *quad))) == pytest.approx(phi, abs=1e-6)
+    tors = ethanol.reward("torsion", torsions=[(*quad, phi)])
+    assert float(tors(c0.reshape(1, -1))) == pytest.approx(0.0, abs=1e-10)
+    assert float(ethanol.reward("torsion", torsions=[(*quad, phi + 360.0)])(c0.reshape(1, -1))) == pytest.approx(0.0, abs=1e-10)
+    dist = ethanol.reward("distance", pairs=[(heavy[0], heavy[1], d01 + 0.1)])
+    assert float(dist(c0.reshape(1, -1))) == pytest.approx(-0.01, abs=1e-8)
+    for r in (tors, dist, ethanol.reward("torsion", torsions=[(*quad, 60.0)])):
+        xg = x.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(r(xg).sum(), xg)
+        eps, k = 1e-6, 7
+        e = torch.zeros_like(x)
+        e[:, k] = eps
+        fd = (r(x + e) - r(x - e)) / (2 * eps)
+        torch.testing.assert_close(g[:, k], fd, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="distinct"):
+        ethanol.reward("torsion", torsions=[(0, 0, 1, 2, 60.0)])
+    with pytest.raises(ValueError, match="positive"):
+        ethanol.reward("distance", pairs=[(0, 1, -1.0)])

@@ -178,6 +178,77 @@ class RadiusOfGyration:
         return f"RadiusOfGyration(sign={self.sign})"
 
 
+class DistanceTarget:
+    """r(x) = −Σ_k (|x_i − x_j| − d_k)²: squared deviations of atom-pair distances from targets (Å).
+
+    pairs: [(i, j, d), ...] with atom indices i, j and target distance d > 0.
+    """
+
+    name = "distance"
+
+    def __init__(self, n_atoms: int, pairs):
+        pairs = [(int(i), int(j), float(d)) for i, j, d in pairs]
+        if not pairs:
+            raise ValueError("pairs must name at least one (i, j, distance) triple")
+        for i, j, d in pairs:
+            if not (0 <= i < n_atoms and 0 <= j < n_atoms and i != j):
+                raise ValueError(f"pairs: atom indices must be distinct and in [0, {n_atoms}), got ({i}, {j})")
+            if not d > 0:
+                raise ValueError(f"pairs: target distance must be positive, got {d} for ({i}, {j})")
+        self.n_atoms, self.pairs = n_atoms, pairs
+        self._i = torch.tensor([p[0] for p in pairs])
+        self._j = torch.tensor([p[1] for p in pairs])
+        self._d = torch.tensor([p[2] for p in pairs])
+
+    def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        c = _flat_coords(x, self.n_atoms).reshape(x.shape[0], self.n_atoms, 3)
+        dist = (c[:, self._i] - c[:, self._j]).pow(2).sum(-1).clamp_min(1e-12).sqrt()   # (batch, K)
+        return -(dist - self._d.to(dist)).pow(2).sum(-1)
+
+    def __repr__(self) -> str:
+        return f"DistanceTarget(pairs={self.pairs})"
+
+
+def dihedral(c: torch.Tensor, i: int, j: int, k: int, l: int) -> torch.Tensor:
+    """Dihedral angle φ ∈ (−π, π] of atoms i-j-k-l; c: (batch, atoms, 3) -> (batch,).
+
+    φ = atan2(|b₂|·b₁·(n₂), n₁·n₂) with b₁ = x_j − x_i, b₂ = x_k − x_j, b₃ = x_l − x_k,
+    n₁ = b₁ × b₂, n₂ = b₂ × b₃ (the IUPAC sign convention, as RDKit's GetDihedralRad).
+    """
+    b1, b2, b3 = c[:, j] - c[:, i], c[:, k] - c[:, j], c[:, l] - c[:, k]
+    n1, n2 = torch.linalg.cross(b1, b2), torch.linalg.cross(b2, b3)
+    y = (b2.norm(dim=-1, keepdim=True) * b1 * n2).sum(-1)
+    return torch.atan2(y, (n1 * n2).sum(-1))
+
+
+class TorsionTarget:
+    """r(x) = Σ_k [cos(φ_k(x) − φ*_k) − 1]: 0 at the target torsions, smooth and 2π-periodic.
+
+    torsions: [(i, j, k, l, φ* in degrees), ...].
+    """
+
+    name = "torsion"
+
+    def __init__(self, n_atoms: int, torsions):
+        torsions = [(int(a), int(b), int(c), int(d), float(phi)) for a, b, c, d, phi in torsions]
+        if not torsions:
+            raise ValueError("torsions must name at least one (i, j, k, l, degrees) tuple")
+        for t in torsions:
+            if len(set(t[:4])) != 4 or not all(0 <= a < n_atoms for a in t[:4]):
+                raise ValueError(f"torsions: four distinct atom indices in [0, {n_atoms}) needed, got {t[:4]}")
+        self.n_atoms, self.torsions = n_atoms, torsions
+
+    def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        c = _flat_coords(x, self.n_atoms).reshape(x.shape[0], self.n_atoms, 3)
+        out = torch.zeros(x.shape[0], dtype=c.dtype, device=c.device)
+        for i, j, k, l, phi in self.torsions:
+            out = out + torch.cos(dihedral(c, i, j, k, l) - math.radians(phi)) - 1.0
+        return out
+
+    def __repr__(self) -> str:
+        return f"TorsionTarget(torsions={self.torsions})"
+
+
 class NoGradientReward:
     """A score computed by RDKit on each conformer, without gradients: for evaluation only.
 
@@ -292,14 +363,21 @@ class ConformerTask:
         """A reward callable r(x, cond=None) -> (batch,).
 
         "mmff": −MMFF94 energy in kcal/mol (kwargs: scale, nonbonded_cutoff), differentiable;
-        "rg": −radius of gyration in Å (kwargs: sign=+1 rewards extended conformers).
+        "rg": −radius of gyration in Å (kwargs: sign=+1 rewards extended conformers);
+        "distance": −Σ (d_ij − d*)² (kwargs: pairs=[(i, j, d*), ...], Å);
+        "torsion": Σ [cos(φ − φ*) − 1] (kwargs: torsions=[(i, j, k, l, φ* degrees), ...]).
         For an RDKit score without gradients use `task.rdkit_reward(fn)` (evaluation only).
         """
         if name == "mmff":
             return MMFFReward(_with_conformer(self.mol, self.coords[0]), **kwargs)
         if name == "rg":
             return RadiusOfGyration(self.n_atoms, **kwargs)
-        raise ValueError(f"unknown molecular reward {name!r}; known: 'mmff', 'rg' (differentiable); "
+        if name == "distance":
+            return DistanceTarget(self.n_atoms, **kwargs)
+        if name == "torsion":
+            return TorsionTarget(self.n_atoms, **kwargs)
+        raise ValueError(f"unknown molecular reward {name!r}; known: 'mmff', 'rg', 'distance', 'torsion' "
+                         "(differentiable); "
                          "wrap an RDKit score without gradients with task.rdkit_reward(fn)")
 
     def rdkit_reward(self, fn, name: str | None = None) -> NoGradientReward:
