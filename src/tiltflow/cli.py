@@ -187,6 +187,13 @@ def _progress_flags(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the configuration is still printed)")
 
 
+def _run_folder_flags(p, out: str, resume_help: str = "continue from the newest checkpoint in --out"):
+    """--out (a run folder), --resume and --no-progress: the flags every training command has."""
+    p.add_argument("--out", default=out, help=f"run folder (default: {out})")
+    p.add_argument("--resume", action="store_true", help=resume_help)
+    _progress_flags(p)
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 def _run_dir(run) -> Path:
@@ -791,9 +798,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fit a flow model to a 2-D task; writes a run folder and samples.png.")
     s.add_argument("--task", default="mixture", help=f"one of: {tasks} (default: mixture)")
     _add_config_flags(s, PretrainConfig)
-    s.add_argument("--out", default="runs/pre", help="run folder (default: runs/pre)")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    _progress_flags(s)
+    _run_folder_flags(s, "runs/pre")
     s.set_defaults(func=cmd_pretrain)
 
     s = sub.add_parser("finetune", help="fine-tune a run's model toward a reward (expected or CVaR)",
@@ -811,24 +816,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="softplus width τ of the CVaR hinge in stage 2 (default: 0, the exact hinge)")
     _add_config_flags(s, FinetuneConfig)
     _add_config_flags(s, EvalConfig)
-    s.add_argument("--out", default="runs/ft", help="run folder (default: runs/ft)")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    _progress_flags(s)
+    _run_folder_flags(s, "runs/ft")
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("gft", help="gradual fine-tuning of a run's model toward target samples",
                        description="Adapt the model of --run to the samples in --target by Gradual Fine-Tuning "
                                    "(a cooling schedule of objectives from the pretrained to the target velocity); "
                                    "writes a run folder with metrics.json and samples.png.")
-    s.add_argument("--run", required=True, help="run folder holding model.safetensors (e.g. runs/pre)")
+    s.add_argument("--run", "--base-run", dest="run", required=True,
+                   help="run folder holding model.safetensors (e.g. runs/pre); --base-run under torchrun")
     s.add_argument("--target", required=True, help="target samples (n, d): .npy or .safetensors")
     _add_config_flags(s, GFTConfig, skip=("schedule",))
     s.add_argument("--schedule", default="geometric",
                    help="geometric, linear, cosine, or comma-separated temperatures such as 1,0.1,0 "
                         "(0 alone: standard fine-tuning) (default: geometric)")
-    s.add_argument("--out", default="runs/gft", help="run folder (default: runs/gft)")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    _progress_flags(s)
+    _run_folder_flags(s, "runs/gft")
     s.set_defaults(func=cmd_gft)
 
     s = sub.add_parser("fdc", help="Flow Density Control: a utility of the whole distribution",
@@ -851,9 +853,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=_float_or_none, default=None,
                    help="mirror step γ; none: 1/(λ + curvature of the utility) (default: none)")
     _add_config_flags(s, FinetuneConfig, skip=("lam",))
-    s.add_argument("--out", default="runs/fdc", help="run folder (default: runs/fdc)")
-    s.add_argument("--resume", action="store_true", help="continue from the last finished outer iteration")
-    _progress_flags(s)
+    _run_folder_flags(s, "runs/fdc", "continue from the last finished outer iteration")
     s.set_defaults(func=cmd_fdc)
 
     s = sub.add_parser("sample", help="draw samples from a run's model",
@@ -892,9 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(s, EnergyConfig, no_defaults=True)
     s.add_argument("--n-samples", type=int, default=2000, help="samples written to samples.npy (default: 2000)")
     s.add_argument("--n-eval", type=int, default=2000, help="paths of the log Z / ESS estimate (default: 2000)")
-    s.add_argument("--out", default="runs/energy", help="run folder (default: runs/energy)")
-    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    _progress_flags(s)
+    _run_folder_flags(s, "runs/energy")
     s.set_defaults(func=cmd_sample_energy)
 
     s = sub.add_parser("demo", help="the main job: pretrain, fine-tune three ways, compare",
