@@ -56,9 +56,16 @@ def setup_batches(batch_size: int, grad_accum: int) -> tuple[int, int, int, int]
 
 
 def shutdown() -> None:
-    """Close the default process group if one is open (the CLI calls this on exit)."""
+    """Close the default process group if one is open (the CLI calls this on exit).
+
+    A barrier first: a rank that tears gloo down while another is still in a collective can
+    abort the other process ("terminate called without an active exception", seen once in CI).
+    """
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def active() -> bool:
