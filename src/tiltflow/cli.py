@@ -187,6 +187,13 @@ def _progress_flags(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the configuration is still printed)")
 
 
+def _base_run_flag(p):
+    """--run (alias --base-run: torchrun's parser takes --run for its own --run-path)."""
+    p.add_argument("--run", "--base-run", dest="run", required=True,
+                   help="run folder holding model.safetensors (e.g. runs/pre); spell it --base-run under "
+                        "torchrun, whose parser takes --run for its own --run-path")
+
+
 def _run_folder_flags(p, out: str, resume_help: str = "continue from the newest checkpoint in --out"):
     """--out (a run folder), --resume and --no-progress: the flags every training command has."""
     p.add_argument("--out", default=out, help=f"run folder (default: {out})")
@@ -804,9 +811,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune a run's model toward a reward (expected or CVaR)",
                        description="Fine-tune the model of --run by Adjoint Matching; writes a run folder with "
                                    "before_after.png, training.png, reward_hist.png and an evaluation in metrics.json.")
-    s.add_argument("--run", "--base-run", dest="run", required=True,
-                   help="run folder holding model.safetensors (e.g. runs/pre); spell it --base-run under torchrun, "
-                        "whose parser takes --run for its own --run-path")
+    _base_run_flag(s)
     s.add_argument("--reward", default="linear", help=f"one of: {rewards} (default: linear)")
     s.add_argument("--objective", default="expected", choices=("expected", "cvar"),
                    help="expected reward, or CVaR of the reward (tail-aware) (default: expected)")
@@ -823,8 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Adapt the model of --run to the samples in --target by Gradual Fine-Tuning "
                                    "(a cooling schedule of objectives from the pretrained to the target velocity); "
                                    "writes a run folder with metrics.json and samples.png.")
-    s.add_argument("--run", "--base-run", dest="run", required=True,
-                   help="run folder holding model.safetensors (e.g. runs/pre); --base-run under torchrun")
+    _base_run_flag(s)
     s.add_argument("--target", required=True, help="target samples (n, d): .npy or .safetensors")
     _add_config_flags(s, GFTConfig, skip=("schedule",))
     s.add_argument("--schedule", default="geometric",
@@ -837,8 +841,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Maximise F(p) − λ·D(p‖p_base) for the model of --run by a sequence of "
                                    "Adjoint Matching runs (one per outer iteration); writes a run folder with "
                                    "log.jsonl (utility, divergence, KL per outer iteration) and before_after.png.")
-    s.add_argument("--run", "--base-run", dest="run", required=True,
-                   help="run folder holding model.safetensors (e.g. runs/pre); --base-run under torchrun")
+    _base_run_flag(s)
     s.add_argument("--utility", default="entropy",
                    help=f"one of: {', '.join(FDC_UTILITIES)} (default: entropy)")
     s.add_argument("--divergence", default="kl", help="kl, renyi or ot (W2² with POT potentials) (default: kl)")

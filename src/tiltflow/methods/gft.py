@@ -71,7 +71,7 @@ from ..metrics import energy_distance
 from ..models.flow_model import FlowModel
 from ..paths import AffinePath
 from .finetune import make_finetune_model
-from .pretrain import _truncate_log, _update_ema
+from .pretrain import _update_ema
 
 LOG_EVERY = 50              # steps averaged into one log.jsonl record
 TAU_ZERO = 1e-2             # the final temperature must be at most this ("≈ 0": ≤ 1 % pretrained mass)
@@ -484,7 +484,7 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
                 start = meta["step"]
                 nonfinite_total = meta.get("extra", {}).get("nonfinite_total", 0)
             if main:
-                _truncate_log(log, start)
+                ckpt.truncate_jsonl(log, "step", start)   # records past the checkpoint are rewritten
         elif main and log.exists():
             log.unlink()
     progress = progress and main

@@ -399,7 +399,7 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
                 raise ValueError(f"cannot resume {run} with steps={cfg.steps}: its newest checkpoint is "
                                  f"at step {start}; pass steps >= {start}")
             if main:
-                _truncate_log(log, start)
+                ckpt.truncate_jsonl(log, "step", start)   # records past the checkpoint are rewritten
         elif main and log.exists():
             log.unlink()
     progress = progress and main
@@ -472,11 +472,6 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
         if progress:
             print("tiltflow pretrain: " + json.dumps(metrics))
     return avg
-
-
-def _truncate_log(log: Path, step: int):
-    """Drop log records after the checkpoint being resumed (they will be written again)."""
-    ckpt.truncate_jsonl(log, "step", step)
 
 
 @torch.no_grad()
