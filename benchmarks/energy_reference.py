@@ -67,7 +67,7 @@ def mala(E, n_chains, burn, keep, thin, step, seed=0):
 def main(quick=False):
     setup_torch()
     report = {}
-    for name, step in (("dw4", 0.1), ("lj13", 3e-3)):
+    for name, step in (("dw4", 0.05), ("lj13", 1e-3)):
         E = get_energy(name)
         t0 = time.perf_counter()
         burn, keep, thin = (2000, 20, 50) if quick else (20000, 50, 200)

@@ -13,8 +13,8 @@ from .methods.gft import GFTConfig, gradual_finetune
 from .methods.pretrain import PretrainConfig, pretrain
 from .methods.sample_energy import EnergyConfig, EnergySampler, sample_energy
 from . import estimators
-from .estimators import crooks, jarzynski
-from .models import EGNNVelocity, FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity
+from .estimators import crooks, crooks_two_sided, jarzynski
+from .models import EGNNVelocity, FlowModel, GaussianMixtureVelocity, MLPVelocity, ResidualVelocity, SmallUNetVelocity
 from .objectives import CVaR, ExpectedReward, solve_threshold
 from .divergences import KL, OT, Renyi
 from .utilities import (CVaRUtility, Entropy, ExpectedRewardUtility, ExperimentDesign, KernelDiversity,
@@ -24,12 +24,12 @@ from .tasks import toy2d
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlowModel", "MLPVelocity", "GaussianMixtureVelocity", "ResidualVelocity", "EGNNVelocity",
+    "FlowModel", "MLPVelocity", "GaussianMixtureVelocity", "ResidualVelocity", "EGNNVelocity", "SmallUNetVelocity",
     "pretrain", "PretrainConfig", "finetune", "FinetuneConfig",
     "gradual_finetune", "GFTConfig",
     "ExpectedReward", "CVaR", "solve_threshold",
     "fdc", "FDCConfig", "KL", "Renyi", "OT", "ExpectedRewardUtility", "CVaRUtility", "MeanVariance",
     "Novelty", "Entropy", "KernelDiversity", "ExperimentDesign",
     "paths", "integrators", "metrics", "rewards", "tasks", "toy2d",
-    "sample_energy", "EnergyConfig", "EnergySampler", "estimators", "jarzynski", "crooks",
+    "sample_energy", "EnergyConfig", "EnergySampler", "estimators", "jarzynski", "crooks", "crooks_two_sided",
 ]

@@ -1,10 +1,11 @@
-"""The `tiltflow` command: pretrain | finetune | gft | fdc | sample-energy | sample | evaluate | demo | molecules.
+"""The `tiltflow` command: pretrain | finetune | gft | fdc | sample-energy | sample | evaluate | demo | molecules | digits.
 
 Each training command writes a run folder (config.json, log.jsonl, metrics.json,
 model.safetensors, checkpoints/, plots) and can be resumed with --resume. The flags of
-`pretrain`, `finetune`, `gft`, `demo` and `molecules` map one to one onto the fields of PretrainConfig,
-FinetuneConfig, GFTConfig, DemoConfig and MoleculesConfig. User errors (a missing run folder or model file, an unknown
-name, an invalid setting) print one line and exit with code 2.
+`pretrain`, `finetune`, `gft`, `demo`, `molecules` and `digits` map one to one onto the fields of
+PretrainConfig, FinetuneConfig, GFTConfig, DemoConfig, MoleculesConfig and DigitsConfig. User
+errors (a missing run folder or model file, an unknown name, an invalid setting) print one line
+and exit with code 2.
 """
 
 from __future__ import annotations
@@ -140,6 +141,14 @@ def _json_dict(text: str) -> dict:
     return value
 
 
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _optional_names(text: str):
     """Comma-separated names (e.g. LoRA target modules), or none."""
     if text.lower() == "none":
@@ -167,7 +176,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls, skip=(), no_defaults: boo
         default = overrides.get(f.name, f.default)
         if default is MISSING and f.default_factory is not MISSING:
             default = f.default_factory()
-        kind = (_int_tuple if isinstance(default, tuple) else
+        kind = (_bool if isinstance(default, bool) else
+                _int_tuple if isinstance(default, tuple) else
                 _json_dict if isinstance(default, dict) else
                 float if isinstance(default, float) else
                 int if isinstance(default, int) else
@@ -187,9 +197,9 @@ def _progress_flags(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the configuration is still printed)")
 
 
-def _base_run_flag(p):
+def _base_run_flag(p, required: bool = True):
     """--run (alias --base-run: torchrun's parser takes --run for its own --run-path)."""
-    p.add_argument("--run", "--base-run", dest="run", required=True,
+    p.add_argument("--run", "--base-run", dest="run", required=required,
                    help="run folder holding model.safetensors (e.g. runs/pre); spell it --base-run under "
                         "torchrun, whose parser takes --run for its own --run-path")
 
@@ -401,7 +411,61 @@ def _print_eval_table(rows: dict) -> None:
         print(name.ljust(width) + "".join(cells))
 
 
+def _finetune_flags(s, no_defaults: bool = False):
+    """The flags of `tiltflow finetune` (no_defaults: every default None, to see what was given)."""
+    d = (lambda v: None) if no_defaults else (lambda v: v)  # noqa: E731
+    _base_run_flag(s, required=False)
+    s.add_argument("--config", default=None,
+                   help="a TOML run config for a diffusers base (run_config.py: base, reward, prompts, "
+                        "validation, ...) instead of --run; the flags given here override its values")
+    s.add_argument("--reward", default=d("linear"), help=f"one of: {', '.join(rewards_mod.REWARDS)}; with "
+                   "--config: latent_mean, clip_score, pickscore, aesthetic (default: linear)")
+    s.add_argument("--objective", default=d("expected"), choices=("expected", "cvar"),
+                   help="expected reward, or CVaR of the reward (tail-aware) (default: expected)")
+    s.add_argument("--level", type=float, default=d(0.1), help="CVaR tail mass β in (0, 1] (default: 0.1)")
+    s.add_argument("--tail", default=d("right"), choices=("right", "left"), help="CVaR tail (default: right)")
+    s.add_argument("--smoothing", type=float, default=d(0.0),
+                   help="softplus width τ of the CVaR hinge in stage 2 (default: 0, the exact hinge)")
+    _add_config_flags(s, FinetuneConfig, no_defaults=no_defaults)
+    _add_config_flags(s, EvalConfig, no_defaults=no_defaults)
+    s.add_argument("--out", default=d("runs/ft"), help="run folder (default: runs/ft; with --config: its `out`)")
+    s.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    _progress_flags(s)
+
+
+def cmd_finetune_config(args) -> int:
+    """`finetune --config run.toml`: a diffusers base, with the given flags overriding the file."""
+    from . import run_config
+    values = run_config.read(args.config)
+    explicit = argparse.ArgumentParser(add_help=False)
+    _finetune_flags(explicit, no_defaults=True)
+    given, _ = explicit.parse_known_args(getattr(args, "argv", None) or [])
+    run_keys = {f.name for f in fields(run_config.RunConfig)}
+    for k, v in vars(given).items():
+        if v is None or k in ("config", "run", "no_progress") or (k == "resume" and not v):
+            continue
+        if k in run_keys or k in FinetuneConfig.__dataclass_fields__:
+            values[k] = v
+        elif k in EvalConfig.__dataclass_fields__:
+            raise ValueError(f"--{k.replace('_', '-')} evaluates 2-D runs and does not apply with --config")
+    run, ft = run_config.split(values)
+    if args.no_progress and distributed.is_main():
+        print(f"tiltflow finetune: {run} {FinetuneConfig(**ft)}")
+    run_config.run_finetune(run, ft, progress=not args.no_progress)
+    if distributed.is_main():
+        extra = ", validation/" if run.validation_every else ""
+        print(f"wrote {run.out}/: model.safetensors, lora.safetensors (with lora_rank), run_config.json, "
+              f"metrics.json, log.jsonl{extra}")
+    return 0
+
+
 def cmd_finetune(args) -> int:
+    if args.config is not None:
+        if args.run is not None:
+            raise ValueError("pass either --run (a tiltflow run folder) or --config (a TOML run config), not both")
+        return cmd_finetune_config(args)
+    if args.run is None:
+        raise ValueError("finetune needs --run (a run folder holding model.safetensors) or --config run.toml")
     cfg = _config_from(args, FinetuneConfig)
     ev = EvalConfig(**_config_from(args, EvalConfig))
     res = _run_finetune(args.run, args.out, args.reward, args.objective, args.level, args.tail,
@@ -739,6 +803,110 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --- digits ----------------------------------------------------------------------------------
+
+DIGITS_OBJECTIVES = ("expected", "right-cvar", "left-cvar", "fdc-entropy")
+
+
+@dataclass
+class DigitsConfig:
+    """The offline image task: a class-conditional U-Net flow on scikit-learn's 8×8 digits,
+    fine-tuned toward r(x, d) = log p_clf(d | x) of an in-repo classifier (saved as config.json)."""
+    objective: str = "left-cvar"          # expected, right-cvar, left-cvar or fdc-entropy (FDC of E r + α·H)
+    digit: int | None = None              # one digit 0..9; none: all ten, one prompt per micro-batch (fdc-entropy needs one)
+    lam: float = 0.05                     # KL weight λ (reward units: nats of log-probability)
+    level: float = 0.1                    # CVaR tail mass β
+    alpha: float = 0.02                   # entropy weight α of fdc-entropy
+    iters_outer: int = 1                  # FDC outer iterations (one reaches the optimum for E r + α·H with KL)
+    pretrain_steps: int = 1500
+    pretrain_batch_size: int = 128
+    channels: tuple = (16, 32)            # U-Net widths at 8×8 and 4×4
+    iters: int = 100                      # Adjoint Matching iterations (per FDC outer iteration)
+    batch_size: int = 32                  # trajectories per iteration (one digit each)
+    steps: int = 20                       # memoryless-SDE steps per trajectory
+    lr: float = 1e-4                      # fine-tuning learning rate
+    n_offline: int = 1000                 # base samples for the CVaR threshold (stage 1)
+    per_digit: int = 100                  # evaluation samples per digit
+    eval_steps: int = 50                  # Heun steps of the evaluation samples
+    n_kl: int = 64                        # paths per digit of the path-KL estimate; 0 skips
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _digits_table(models: dict) -> None:
+    cols = [("reward_mean", "mean r"), ("cvar_left_10", "left 10%"), ("cvar_right_10", "right 10%"),
+            ("accuracy", "accuracy"), ("diversity", "diversity"), ("kl_path", "KL (path)")]
+    print("model".ljust(11) + "".join(h.rjust(11) for _, h in cols))
+    for name, st in models.items():
+        print(name.ljust(11) + "".join(f"{st[k]:11.4f}" if st.get(k) is not None else "—".rjust(11) for k, _ in cols))
+
+
+def cmd_digits(args) -> int:
+    from .tasks import digits     # scikit-learn is optional: imported only here
+
+    cfg = DigitsConfig(**{f.name: getattr(args, f.name) for f in fields(DigitsConfig)})
+    if cfg.objective not in DIGITS_OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(DIGITS_OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.digit is not None and not 0 <= cfg.digit <= 9:
+        raise ValueError(f"digit must be in 0..9 (or none for all ten), got {cfg.digit}")
+    if cfg.objective == "fdc-entropy" and cfg.digit is None:
+        raise ValueError("objective fdc-entropy needs one digit (fdc takes no condition): pass --digit D")
+    if cfg.per_digit < 2:
+        raise ValueError(f"per_digit must be at least 2 (diversity compares pairs), got {cfg.per_digit}")
+    out = Path(args.out)
+    progress = not args.no_progress
+    print(f"tiltflow digits: {cfg}")
+    ckpt.prepare_run(out, asdict(cfg), args.resume, resumable_keys=("pretrain_steps", "iters", "iters_outer"))
+    clf = digits.classifier()                 # seed 0 for every run: rewards comparable across runs
+    timings, t = {}, time.perf_counter()
+    if args.base_run is not None:
+        base = _load_model(args.base_run, cfg.device)
+        if base.shape != digits.SHAPE or base.config()["net"].get("class") != "SmallUNetVelocity":
+            raise ValueError(f"--base-run {args.base_run} does not hold a digits model (SmallUNetVelocity on "
+                             f"(1, 8, 8)); its model has shape {base.shape}")
+    else:
+        base = digits.pretrain_base(cfg.pretrain_steps, channels=cfg.channels, batch_size=cfg.pretrain_batch_size,
+                                    seed=cfg.seed, device=cfg.device, out=out / "pre", resume=args.resume,
+                                    progress=progress)
+    timings["pretrain_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    common = dict(iters=cfg.iters, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                  device=cfg.device, out=out / "ft", resume=args.resume, progress=progress)
+    chosen = list(range(10)) if cfg.digit is None else [cfg.digit]
+    if cfg.objective == "fdc-entropy":
+        utility = digits.RewardEntropy(digits.DigitReward(clf, cfg.digit), alpha=cfg.alpha)
+        ft = fdc(digits.bind_digit(base, cfg.digit), utility, lam=cfg.lam, iters_outer=cfg.iters_outer,
+                 n_eval=cfg.per_digit, eval_steps=cfg.eval_steps, n_kl=0, init="copy", **common)
+    else:
+        r = digits.DigitReward(clf)
+        obj = ExpectedReward(r) if cfg.objective == "expected" else \
+            CVaR(r, level=cfg.level, tail=cfg.objective.split("-")[0])
+        where = {"prompts": digits.prompts()} if cfg.digit is None else {"cond": digits.one_hot([cfg.digit])}
+        ft = finetune(base, obj, lam=cfg.lam, n_offline=cfg.n_offline, **where, **common)
+    timings["finetune_s"] = time.perf_counter() - t
+    seed = cfg.seed + EVAL_SEED_OFFSET
+    ev = dict(per_digit=cfg.per_digit, digits=chosen, steps=cfg.eval_steps, seed=seed, n_kl=cfg.n_kl)
+    models = {"base": digits.evaluate(base, clf, **{**ev, "n_kl": 0}),
+              "finetuned": digits.evaluate(ft, clf, base=base, **ev)}
+    models["base"]["kl_path"] = 0.0
+    ckpt.write_json(out / "metrics.json", {"config": asdict(cfg), "models": models, "timings": timings})
+    ckpt.write_json(out / RUN_INFO, {"command": "digits", "objective": cfg.objective})
+    written = ["metrics.json", "pre/" if args.base_run is None else None, "ft/"]
+    try:
+        xb, _ = digits.sample(base, 8, chosen, cfg.eval_steps, seed)
+        xf, _ = digits.sample(ft, 8, chosen, cfg.eval_steps, seed)
+        digits.plot_grids(out / "before_after.png", {"base": xb, cfg.objective: xf}, ncols=8,
+                          title=f"digits {'0-9' if cfg.digit is None else cfg.digit}: {cfg.objective}, λ = {cfg.lam:g}")
+        written.append("before_after.png")
+    except ImportError as e:
+        print(f"note: skipping before_after.png: {e}", file=sys.stderr)
+    print(f"\ndigits {'0-9' if cfg.digit is None else cfg.digit}, {cfg.per_digit} ODE samples per digit; "
+          "r = log p_clf(requested digit | x):")
+    _digits_table(models)
+    print(f"wrote {args.out}/: {', '.join(w for w in written if w)}")
+    return 0
+
+
 # --- molecules -------------------------------------------------------------------------------
 
 def cmd_molecules(args) -> int:
@@ -810,18 +978,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("finetune", help="fine-tune a run's model toward a reward (expected or CVaR)",
                        description="Fine-tune the model of --run by Adjoint Matching; writes a run folder with "
-                                   "before_after.png, training.png, reward_hist.png and an evaluation in metrics.json.")
-    _base_run_flag(s)
-    s.add_argument("--reward", default="linear", help=f"one of: {rewards} (default: linear)")
-    s.add_argument("--objective", default="expected", choices=("expected", "cvar"),
-                   help="expected reward, or CVaR of the reward (tail-aware) (default: expected)")
-    s.add_argument("--level", type=float, default=0.1, help="CVaR tail mass β in (0, 1] (default: 0.1)")
-    s.add_argument("--tail", default="right", choices=("right", "left"), help="CVaR tail (default: right)")
-    s.add_argument("--smoothing", type=float, default=0.0,
-                   help="softplus width τ of the CVaR hinge in stage 2 (default: 0, the exact hinge)")
-    _add_config_flags(s, FinetuneConfig)
-    _add_config_flags(s, EvalConfig)
-    _run_folder_flags(s, "runs/ft")
+                                   "before_after.png, training.png, reward_hist.png and an evaluation in metrics.json; "
+                                   "or fine-tune a diffusers pipeline as the TOML run config --config says.")
+    _finetune_flags(s)
     s.set_defaults(func=cmd_finetune)
 
     s = sub.add_parser("gft", help="gradual fine-tuning of a run's model toward target samples",
@@ -920,11 +1079,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue each stage from its newest checkpoint")
     _progress_flags(s)
     s.set_defaults(func=cmd_molecules)
+
+    s = sub.add_parser("digits", help="8×8 digits: pretrain a class-conditional U-Net flow, fine-tune toward a classifier",
+                       description="Pretrain a class-conditional U-Net flow on scikit-learn's 8×8 digits (or reuse "
+                                   "--base-run), fine-tune it toward r(x, d) = log p_clf(d | x) of an in-repo "
+                                   "classifier by expected reward, right or left CVaR (TFFT) or FDC with entropy, and "
+                                   "write metrics.json and before_after.png (image grids). Needs scikit-learn: "
+                                   "pip install 'tiltflow[digits]'.")
+    _add_config_flags(s, DigitsConfig)
+    s.add_argument("--base-run", dest="base_run", default=None,
+                   help="run folder whose model.safetensors is a pretrained digits model (skips pretraining)")
+    _run_folder_flags(s, "runs/digits")
+    s.set_defaults(func=cmd_digits)
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv        # finetune --config tells the flags given from the defaults
     if args.threads < 1:
         print(f"tiltflow: error: --threads must be a positive integer, got {args.threads}", file=sys.stderr)
         return EXIT_USER_ERROR

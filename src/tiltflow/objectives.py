@@ -381,10 +381,14 @@ class CVaR:
     in ``self.solution``); ``pseudo_reward_at(eta)`` builds g_η for any η (for stage-2
     variants that move η). ``smoothing = τ`` applies only to the stage-2 pseudo-reward;
     stage 1 always solves the exact hinge dual.
+
+    ``per_prompt=True`` (used by finetune with ``prompts=``): one threshold η*_p per prompt, each
+    solved on that prompt's offline samples, instead of one η* over all prompts' pooled rewards;
+    prompt p's micro-batches then use g_{η*_p}. Without prompts it changes nothing.
     """
 
     def __init__(self, reward: Reward, level: float, tail: str = "right", smoothing: float = 0.0,
-                 track: bool | None = None):
+                 track: bool | None = None, per_prompt: bool = False):
         if not callable(reward):
             raise ValueError(f"reward must be callable, got {type(reward).__name__}")
         self.reward = reward
@@ -394,6 +398,9 @@ class CVaR:
         # Quantile tracking in stage 2 (TrackedCVaRPseudoReward): on by default for the right
         # tail, where a fixed η* far out stalls; the left tail converges with η* fixed.
         self.track = (self.tail == "right") if track is None else bool(track)
+        if not isinstance(per_prompt, bool):
+            raise ValueError(f"per_prompt must be True or False, got {per_prompt!r}")
+        self.per_prompt = per_prompt
         self.solution: ThresholdSolution | None = None
 
     @property
@@ -425,5 +432,6 @@ class CVaR:
     def __repr__(self) -> str:
         return (
             f"CVaR({self.reward!r}, level={self.level:g}, tail={self.tail!r}, "
-            f"smoothing={self.smoothing:g}, track={self.track})"
+            f"smoothing={self.smoothing:g}, track={self.track}"
+            + (", per_prompt=True)" if self.per_prompt else ")")
         )

@@ -2,7 +2,8 @@
 
 A reward is any callable `r(x, cond=None) -> (batch,)`; the classes here are small examples
 with closed forms, used by the 2-D tasks and the CLI. `check_reward` validates a user's reward
-before it is handed to a solver.
+before it is handed to a solver. Image rewards (CLIPScore, PickScore, Aesthetic, Weighted sums,
+Decoded for latents) live in image_rewards.py and are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from collections.abc import Callable
 from types import MappingProxyType
 
 import torch
+
+# image rewards on pixels and latents (image_rewards.py; transformers is imported only when one is built)
+from .image_rewards import Aesthetic, CLIPScore, Decoded, ImageReward, PickScore, Weighted  # noqa: F401
 
 
 def _param(v, name: str, ndim: int) -> torch.Tensor:

@@ -257,14 +257,16 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     # finetune would; later ones train a copy of p_k with the same parameters trainable.
     init0 = inner.init
     if init0 == "auto":
-        init0 = "copy" if any(p.requires_grad for p in model.parameters()) else "residual"
+        # the residual MLP needs vector data; image and particle bases are copied (as finetune does)
+        frozen_vector = len(model.shape) == 1 and not any(p.requires_grad for p in model.parameters())
+        init0 = "residual" if frozen_vector else "copy"
     trainable_later = (lambda n, p: n.startswith("net.residual.")) if init0 == "residual" else None
     ref_samples = None
     if cfg.lam > 0 and getattr(divergence, "needs_reference_samples", False):
         ref_samples = reference.sample(inner.n_offline, steps=inner.steps, sde=True,
                                        seed=seed + REF_SEED_OFFSET)
 
-    inner_record = {k: v for k, v in asdict(inner).items() if not (k in _OPTIONAL_KEYS and v is None)}
+    inner_record = {k: v for k, v in asdict(inner).items() if not (k in _OPTIONAL_KEYS and v == _OPTIONAL_KEYS[k])}
     config_record = {**asdict(cfg), "gamma": gamma, "inner": inner_record, "utility": repr(utility),
                      "divergence": repr(divergence), "base": reference.config()}
     run = None

@@ -17,10 +17,23 @@ rolled out, rewarded and regressed under one prompt's condition. Micro-batch k o
 with e = k div P and π_e a permutation drawn from (seed, e) alone: every prompt once per epoch of
 P micro-batches, in a shuffled order, a pure function of the iteration (so resume and data
 parallel need no extra state and the micro-batch streams are untouched). Stage 1 draws the
-offline samples across the prompts (n_offline split evenly over them) and solves ONE threshold η*
-over the pooled rewards r(x, c) — the papers do not say how a multi-prompt η* is set; a
-per-prompt η* would need per-prompt offline batches and is not implemented. Quantile tracking
-(CVaR(track=True)) follows the quantile of each micro-batch, i.e. of one prompt.
+offline samples across the prompts (n_offline split evenly over them) and by default solves ONE
+threshold η* over the pooled rewards r(x, c) — the papers do not say how a multi-prompt η* is set.
+CVaR(..., per_prompt=True) instead solves one η*_p per prompt on that prompt's own n_offline/P
+offline samples (the same draws, grouped) and rolls out micro-batches of prompt p with g_{η*_p}:
+the tail is then each prompt's own tail, not the pooled one (raise n_offline with the number of
+prompts). Quantile tracking (CVaR(track=True)) follows the quantile of each micro-batch, i.e. of
+one prompt.
+
+Memory and speed. Peak memory follows the micro-batch batch_size / (processes · grad_accum), not
+the global batch: each micro-batch is rolled out (no graph), its lean adjoint integrated one VJP
+at a time, and its loss backpropagated before the next one starts. Within a micro-batch the loss
+evaluates the fine-tuned net on (loss times × micro-batch) rows at once; `loss_chunk` = k
+backpropagates it k times at a time instead (gradients add up to the same value),
+`gradient_checkpointing` recomputes a diffusers network's activations block by block in backward,
+and `mixed_precision` ("bf16", "fp16") runs the model forward passes (rollout, adjoint VJPs, loss,
+offline samples) under torch.autocast on the run's device, while the states, the lean adjoint ã,
+the loss reduction, the gradients and Adam stay float32 (fp16 adds a GradScaler).
 
 LoRA (`lora_rank=`, diffusers adapters): the copied model gets a peft LoRA (models.diffusers_adapter
 .add_lora); only its weights train and need gradients, checkpoints hold only them (the rest is
@@ -30,6 +43,7 @@ full model.safetensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -75,10 +89,15 @@ class FinetuneConfig:
     lora_rank: int | None = None     # diffusers adapters: train a LoRA of this rank only (None: per `init`)
     lora_alpha: float | None = None  # LoRA scale α (None: α = rank)
     lora_targets: tuple | None = None  # module names the LoRA wraps (None: attention to_q, to_k, to_v, to_out.0)
+    loss_chunk: int | None = None    # loss times per backward pass (None: all at once); same gradient, less activation memory
+    gradient_checkpointing: bool = False  # diffusers adapters: recompute the fine-tuned network's activations in backward
+    mixed_precision: str = "no"      # "no", "bf16" or "fp16": torch.autocast on the model forward passes (fp16 adds a GradScaler)
 
-# run settings that are left out of config.json / the config hash while unset, so runs made
-# before they existed still resume
-_OPTIONAL_KEYS = ("lora_rank", "lora_alpha", "lora_targets")
+# run settings that are left out of config.json / the config hash while at their default, so
+# runs made before they existed still resume
+_OPTIONAL_KEYS = {"lora_rank": None, "lora_alpha": None, "lora_targets": None, "loss_chunk": None,
+                  "gradient_checkpointing": False, "mixed_precision": "no"}
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _validate(cfg: FinetuneConfig):
@@ -108,6 +127,15 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError("lora_alpha and lora_targets need lora_rank")
     if cfg.lora_targets is not None and (isinstance(cfg.lora_targets, str) or not cfg.lora_targets):
         raise ValueError(f"lora_targets must be a non-empty list of module names, got {cfg.lora_targets!r}")
+    if cfg.loss_chunk is not None:
+        if isinstance(cfg.loss_chunk, bool) or not isinstance(cfg.loss_chunk, int) or cfg.loss_chunk <= 0:
+            raise ValueError(f"loss_chunk must be a positive integer or None, got {cfg.loss_chunk!r}")
+        if cfg.solver != "adjoint_matching":
+            raise ValueError(f"loss_chunk applies to solver='adjoint_matching', not {cfg.solver!r}")
+    if not isinstance(cfg.gradient_checkpointing, bool):
+        raise ValueError(f"gradient_checkpointing must be True or False, got {cfg.gradient_checkpointing!r}")
+    if cfg.mixed_precision not in ("no", *_AMP_DTYPES):
+        raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.mixed_precision!r}")
 
 
 # --- many prompts ---------------------------------------------------------------------------------
@@ -202,6 +230,21 @@ def _prompt_record(conds) -> dict:
     return {"count": len(conds), "sha256": h.hexdigest()[:16]}
 
 
+def _stage1_record(stage1):
+    """stage1.json: the objective's solution, or per prompt {"eta": [η*_p], "per_prompt": [solution_p]}."""
+    one = lambda s: asdict(s) if hasattr(s, "__dataclass_fields__") else s  # noqa: E731
+    if isinstance(stage1, list):
+        return {"eta": [s.eta for s in stage1], "per_prompt": [one(s) for s in stage1]}
+    return one(stage1)
+
+
+def _autocast(mixed_precision: str, device: torch.device):
+    """A factory of autocast contexts for the model forward passes (a no-op for "no")."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[mixed_precision])
+
+
 class _Params(torch.nn.Module):
     """A module whose state is just the given parameters (shared, not copied): LoRA checkpoints."""
 
@@ -245,10 +288,14 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     others are frozen: no gradient memory).
     cond: one condition for every sample; prompts: instead, a list of per-prompt conditions (or one
     batched encode_prompts dict), one prompt per micro-batch in a shuffled cycle (module docstring).
+    Both may be strings when the model has a prompt encoder (from_diffusers with text encoders).
     lora_rank (with lora_alpha, lora_targets): train only a LoRA on a diffusers adapter; the run
     folder then also holds lora.safetensors (models.diffusers_adapter.load_lora puts it on the base).
     kwargs: any FinetuneConfig field (batch_size, steps, lr, n_loss_times, seed, device, ...).
-    callback(iteration, record) is called after each logged iteration.
+    callback(iteration, record) is called after each logged iteration; a callback with a third
+    required argument gets callback(iteration, record, model) with the model being trained (e.g. to draw
+    validation samples; leave its weights alone).
+    Memory and speed (module docstring): grad_accum, loss_chunk, gradient_checkpointing, mixed_precision.
     """
     if not isinstance(model, FlowModel):
         raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
@@ -262,6 +309,9 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             raise ValueError(f"objective must be an objective or a reward callable, got {objective!r}")
         objective = ExpectedReward(objective)
     conds = None
+    if prompts is not None or cond is not None:   # text through the model's own prompt encoder, if any
+        from ..models.diffusers_adapter import encode_text
+        prompts, cond = encode_text(model, prompts), encode_text(model, cond)
     if prompts is not None:
         if cond is not None:
             raise ValueError("pass either cond (one condition) or prompts (several), not both")
@@ -279,6 +329,12 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             da.add_lora(ft, cfg.lora_rank, cfg.lora_alpha,
                         da.DEFAULT_TARGETS if cfg.lora_targets is None else tuple(cfg.lora_targets))
         ft.to(device)
+    if cfg.gradient_checkpointing:
+        inner = getattr(ft.net, "model", None)
+        if not hasattr(inner, "enable_gradient_checkpointing"):
+            raise ValueError("gradient_checkpointing needs a diffusers adapter (models.diffusers_adapter."
+                             f"from_diffusers); this model's network is {type(ft.net).__name__}")
+        inner.enable_gradient_checkpointing()
     dist.broadcast_module(ft)
     named = [(n, p) for n, p in ft.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
     params = [p for _, p in named]
@@ -300,54 +356,78 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     gens = {i: torch.Generator(device=device).manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
     gen_names = {i: "train" if i == 0 else f"train_{i}" for i in mine}
     grid = integrators.time_grid(cfg.steps, device=device)
+    amp = _autocast(cfg.mixed_precision, device)
+    # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
+    scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
+    backward = None if scaler is None else (lambda loss: scaler.scale(loss).backward())
 
     # Stage 1 of the objective (e.g. the CVaR threshold) on an offline batch of base samples,
     # drawn shard by shard and gathered, so every process solves it on the same n_offline samples.
     t_stage1 = time.perf_counter()
     x_off = None
     cond_off = cond
+    per_prompt = conds is not None and getattr(objective, "per_prompt", False) \
+        and getattr(objective, "needs_offline", True)
     if getattr(objective, "needs_offline", True) and conds is None:
         sizes = dist.shard_sizes(cfg.n_offline, shards)
-        x_off = torch.cat([base.sample(sizes[i], steps=cfg.steps, sde=True, cond=cond, generator=gens[i])
-                           for i in mine if sizes[i] > 0])
+        with amp():
+            x_off = torch.cat([base.sample(sizes[i], steps=cfg.steps, sde=True, cond=cond, generator=gens[i])
+                               for i in mine if sizes[i] > 0])
         x_off = dist.all_gather(x_off)
     elif getattr(objective, "needs_offline", True):
         # prompt p gets shard_sizes(n_offline, P)[p] samples, split over the shards; gathered in
         # (shard, prompt) order, which every process knows, so each builds the pooled condition
         part = [dist.shard_sizes(k, shards) for k in dist.shard_sizes(cfg.n_offline, len(conds))]
-        x_off = [base.sample(part[p][i], steps=cfg.steps, sde=True, cond=conds[p], generator=gens[i])
-                 for i in mine for p in range(len(conds)) if part[p][i] > 0]
+        if per_prompt and min(sum(q) for q in part) == 0:
+            raise ValueError(f"per-prompt thresholds need offline samples of every prompt: n_offline="
+                             f"{cfg.n_offline} < {len(conds)} prompts")
+        with amp():
+            x_off = [base.sample(part[p][i], steps=cfg.steps, sde=True, cond=conds[p], generator=gens[i])
+                     for i in mine for p in range(len(conds)) if part[p][i] > 0]
         x_off = dist.all_gather(torch.cat(x_off) if x_off else torch.zeros(0, *base.shape, device=device))
         cond_off = _cat([_stack_prompts(conds, [part[p][i] for p in range(len(conds))])
                          for i in range(shards) if any(part[p][i] for p in range(len(conds)))])
-    reward = objective.pseudo_reward(x_off, cfg.lam, cond_off)
+    if per_prompt:
+        # the same offline samples as the pooled threshold, grouped by prompt: one η*_p each
+        owner = torch.tensor([p for i in range(shards) for p in range(len(conds)) for _ in range(part[p][i])],
+                             device=x_off.device)
+        g_prompt, stage1 = [], []
+        for p, c in enumerate(conds):
+            x_p = x_off[owner == p]
+            g_prompt.append(objective.pseudo_reward(x_p, cfg.lam, _repeat(c, x_p.shape[0])))
+            stage1.append(objective.solution)
+        reward = g_prompt[0]
+    else:
+        reward = objective.pseudo_reward(x_off, cfg.lam, cond_off)
+        g_prompt, stage1 = None, getattr(objective, "solution", None)
     t_stage1 = time.perf_counter() - t_stage1
     raw_reward = getattr(objective, "reward", reward)
-    stage1 = getattr(objective, "solution", None)
 
     run = None
     start, nonfinite_total = 0, 0
     config_record = {**asdict(cfg), "objective": repr(objective), "base": base.config(),
                      "base_weights": ckpt.fingerprint(base), "shards": shards}
-    for k in _OPTIONAL_KEYS:
-        if config_record[k] is None:
+    for k, default in _OPTIONAL_KEYS.items():
+        if config_record[k] == default:
             del config_record[k]
     if conds is not None:
         config_record["prompts"] = _prompt_record(conds)
-    resumable = ("iters", "steps", "grad_accum")
+    resumable = ("iters", "steps", "grad_accum", "loss_chunk", "gradient_checkpointing")
     chash = ckpt.config_hash(config_record, resumable)
     if out is not None:
         run = Path(out)
         if main:
             ckpt.prepare_run(out, config_record, resume, resumable_keys=resumable)
             if stage1 is not None:
-                ckpt.write_json(run / "stage1.json", asdict(stage1) if hasattr(stage1, "__dataclass_fields__") else stage1)
+                ckpt.write_json(run / "stage1.json", _stage1_record(stage1))
         if resume:
             meta = ckpt.load_latest(run, ck_modules, opt, {gen_names[i]: gens[i] for i in mine},
                                     warn=print if main else (lambda msg: None), config_hash=chash)
             if meta is not None:
                 start = meta["step"]
                 nonfinite_total = meta.get("extra", {}).get("nonfinite_total", 0)
+                if scaler is not None and "grad_scaler" in meta.get("extra", {}):
+                    scaler.load_state_dict(meta["extra"]["grad_scaler"])
             if main:
                 ckpt.truncate_jsonl(run / "log.jsonl", "iter", start)
         elif main and (run / "log.jsonl").exists():
@@ -362,6 +442,13 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     record = {}
     nonfinite_run = 0
     schedule = _PromptSchedule(len(conds), cfg.seed) if conds is not None else None
+    if callback is not None:
+        import inspect
+        try:    # a third required parameter asks for the model
+            inspect.signature(callback).bind(0, {})
+            with_model = False
+        except TypeError:
+            with_model = True
     for it in bar:
         t0 = time.perf_counter()
         if cfg.lr_final is not None:  # cosine, a function of the iteration only (resume-safe)
@@ -374,35 +461,45 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             pick = [schedule(it * shards + j) for j in range(shards)]
         for i in mine:
             gen = gens[i]
+            g_i = reward
             if conds is not None:
                 cond = conds[pick[i]]
+                g_i = g_prompt[pick[i]] if per_prompt else reward
             ft.eval()
             ta = time.perf_counter()
             if solver is None:
-                ro = am.rollout(ft, micro, grid, gen, cond, cfg.scheme)
+                with amp():
+                    ro = am.rollout(ft, micro, grid, gen, cond, cfg.scheme)
                 tb = time.perf_counter()
-                a1, g_val = am.terminal_adjoint(reward, ro.xs[-1], cfg.lam, cond)
-                adj = am.lean_adjoint(base, ro, a1, cfg.scheme)
+                a1, g_val = am.terminal_adjoint(g_i, ro.xs[-1], cfg.lam, cond)
+                with amp():   # the VJPs run in low precision; ã itself is accumulated in x's float32
+                    adj = am.lean_adjoint(base, ro, a1, cfg.scheme)
                 tc = time.perf_counter()
                 idx, w = am.loss_times(cfg.steps, cfg.n_loss_times, gen)
                 ft.train()
-                loss, kl = am.adjoint_matching_loss(ft, base, ro, adj, idx, w)
+                # mean over micro-batches; the average over processes follows in average_gradients
+                loss, kl = am.backward_loss(ft, base, ro, adj, idx, w, cfg.loss_chunk, 1.0 / cfg.grad_accum,
+                                            backward, amp)
                 x1 = ro.xs[-1]
             else:  # the other losses: one batch of end points (or paths), then their regression
-                batch = solver.batch(ft, base, reward, cfg.lam, micro, grid, gen, cond)
+                with amp():
+                    batch = solver.batch(ft, base, g_i, cfg.lam, micro, grid, gen, cond)
                 tb = tc = time.perf_counter()
                 ft.train()
-                loss, kl = solver.loss(ft, base, batch, cfg.n_loss_times, gen, cond)
+                with amp():
+                    loss, kl = solver.loss(ft, base, batch, cfg.n_loss_times, gen, cond)
                 x1, g_val = batch.x1, batch.r
-            # mean over micro-batches; the average over processes follows in average_gradients
-            (loss / cfg.grad_accum).backward()
+                (loss / cfg.grad_accum).backward() if backward is None else backward(loss / cfg.grad_accum)
+                loss = float(loss.detach())
             t_roll, t_adj = t_roll + (tb - ta), t_adj + (tc - tb)
-            losses.append(float(loss.detach()))
+            losses.append(loss)
             kls.append(kl)
             x1s.append(x1)
             gs.append(g_val)
         t2 = time.perf_counter()
         dist.average_gradients(params)
+        if scaler is not None:
+            scaler.unscale_(opt)
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
         local = {"loss": sum(losses) / len(losses), "kl": sum(kls) / len(kls)}
         x1 = torch.cat(x1s)
@@ -412,7 +509,12 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             r = raw_reward(x1, r_cond) if raw_reward is not reward else g_all
         local["diversity"] = mean_pairwise_distance(x1[:256])
         reduced = dist.mean(local)
-        if not (math.isfinite(reduced["loss"]) and math.isfinite(gnorm)):
+        # fp16: an inf gradient with a finite loss is the loss scale overflowing; the scaler skips the
+        # step and lowers the scale, which is routine, not a failure
+        overflow = scaler is not None and math.isfinite(reduced["loss"]) and not math.isfinite(gnorm)
+        if overflow:
+            scaler.step(opt)
+        elif not (math.isfinite(reduced["loss"]) and math.isfinite(gnorm)):
             # skipped on every process alike: the loss mean and the averaged gradient are shared
             nonfinite_run += 1
             nonfinite_total += 1
@@ -423,17 +525,21 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                     "check the base model")
         else:
             nonfinite_run = 0
-            opt.step()
+            opt.step() if scaler is None else scaler.step(opt)
+        if scaler is not None:
+            scaler.update()
         t3 = time.perf_counter()
 
         rg = dist.all_gather(torch.stack([r.float().reshape(-1), g_all.float().reshape(-1)], 1))
         record = {"iter": it + 1, "loss": reduced["loss"], "grad_norm": gnorm, "kl": reduced["kl"],
                   **{f"reward_{k}": v for k, v in reward_summary(rg[:, 0]).items()},
                   "pseudo_reward_mean": float(rg[:, 1].mean()),
-                  **({"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
+                  **({"eta": [float(g_prompt[p].eta) for p in pick]} if per_prompt else
+                     {"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
                   "diversity": reduced["diversity"], "nonfinite_skipped": nonfinite_total,
                   "time_rollout": t_roll, "time_adjoint": t_adj, "time_loss": t3 - t0 - t_roll - t_adj,
-                  **({"prompts": pick} if conds is not None else {})}
+                  **({"prompts": pick} if conds is not None else {}),
+                  **({"grad_scale": scaler.get_scale()} if scaler is not None else {})}
         bar.set_postfix(loss=f"{record['loss']:.3g}", r=f"{record['reward_mean']:.3g}", kl=f"{record['kl']:.3g}")
         if run is not None:
             if main:
@@ -443,10 +549,11 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                 if main:
                     ckpt.save_checkpoint(run, it + 1, ck_modules, opt,
                                          {("train" if i == 0 else f"train_{i}"): s for i, s in states.items()},
-                                         extra={"shards": shards, "nonfinite_total": nonfinite_total},
+                                         extra={"shards": shards, "nonfinite_total": nonfinite_total,
+                                                **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})},
                                          config_hash=chash)
         if callback is not None:
-            callback(it + 1, record)
+            callback(it + 1, record, ft) if with_model else callback(it + 1, record)
     ft.eval()
     ft.requires_grad_(False)
     if run is not None and main:
@@ -456,6 +563,6 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             da.save_lora(ft, run / "lora.safetensors")
         ckpt.write_json(run / "metrics.json", {
             "final": record, "time_stage1": t_stage1,
-            "stage1": asdict(stage1) if stage1 is not None and hasattr(stage1, "__dataclass_fields__") else None})
+            "stage1": None if stage1 is None else _stage1_record(stage1)})
     dist.barrier()   # the run folder is complete before any process returns
     return ft

@@ -102,8 +102,9 @@ def _validate(cfg: PretrainConfig):
 _INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _check_batch(x, dims: tuple | None, what: str) -> torch.Tensor:
-    """Validate a data tensor (n, d); `dims` is the expected (d,) or None to accept any."""
+def _check_batch(x, dims: tuple | None, what: str, images: bool = False) -> torch.Tensor:
+    """Validate a data tensor (n, d) (or (n, *dims) with `images`, for a ready network);
+    `dims` is the expected (d,) or None to accept any."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"data must give a torch.Tensor (n, d), {what} gave {type(x).__name__}")
     if x.ndim < 2:
@@ -111,13 +112,14 @@ def _check_batch(x, dims: tuple | None, what: str) -> torch.Tensor:
                          "use data[:, None] for 1-D data")
     if x.shape[0] == 0:
         raise ValueError(f"data is empty: {what} has shape {tuple(x.shape)}")
-    if x.ndim > 2 and all(s == 1 for s in x.shape[2:]):
+    if x.ndim > 2 and not images and all(s == 1 for s in x.shape[2:]):
         raise ValueError(f"data must have shape (n, d), {what} has shape {tuple(x.shape)}; "
                          f"drop the trailing axes of size 1 (data.reshape(len(data), -1))")
-    if x.ndim > 2:
+    if x.ndim > 2 and not images:
         raise ValueError(
             f"data must have shape (n, d), {what} has shape {tuple(x.shape)}: image-shaped data needs a "
-            "convolutional velocity network, which pretrain does not provide yet; flatten to (n, d) to use the MLP")
+            "convolutional velocity network passed as model= (e.g. tiltflow.models.unet.SmallUNetVelocity); "
+            "flatten to (n, d) to use the MLP")
     if x.is_complex() or not (x.is_floating_point() or x.dtype in _INT_DTYPES):
         raise ValueError(f"data must be a real floating-point tensor, {what} has dtype {x.dtype}")
     if not x.is_floating_point():
@@ -127,7 +129,7 @@ def _check_batch(x, dims: tuple | None, what: str) -> torch.Tensor:
         raise ValueError(f"data must have at least one feature, {what} has shape {tuple(x.shape)}")
     if dims is not None and tuple(x.shape[1:]) != dims:
         raise ValueError(f"data gave shape {tuple(x.shape)} ({what}), expected (n, {', '.join(map(str, dims))})")
-    bad = int((~torch.isfinite(x)).any(dim=1).sum())
+    bad = int((~torch.isfinite(x.reshape(x.shape[0], -1))).any(dim=1).sum())
     if bad:
         raise ValueError(f"data has {bad} of {x.shape[0]} rows with NaN or inf ({what})")
     return x
@@ -136,12 +138,13 @@ def _check_batch(x, dims: tuple | None, what: str) -> torch.Tensor:
 class _Data:
     """Uniform access to a data tensor, a sampler with `.sample(n, generator=)`, or a callable."""
 
-    def __init__(self, data, cond, seed: int):
+    def __init__(self, data, cond, seed: int, images: bool = False):
         if hasattr(data, "__array__") and not isinstance(data, torch.Tensor) and not callable(data):
             data = torch.as_tensor(data)
         self.tensor = self.sampler = None
+        self.images = images
         if isinstance(data, torch.Tensor):
-            self.tensor = _check_batch(data.detach(), None, "the tensor")
+            self.tensor = _check_batch(data.detach(), None, "the tensor", images)
             self.dims = tuple(self.tensor.shape[1:])
             self.description = f"tensor of shape {tuple(self.tensor.shape)}"
         elif callable(getattr(data, "sample", None)) or callable(data):
@@ -149,7 +152,7 @@ class _Data:
             self.sampler = (lambda n, g: sample(n, generator=g)) if sample is not data else data
             # a private generator: probing the shape must not consume the training stream
             probe = self.sampler(2, torch.Generator().manual_seed(seed))
-            self.dims = tuple(_check_batch(probe, None, "a probe batch of 2").shape[1:])
+            self.dims = tuple(_check_batch(probe, None, "a probe batch of 2", images).shape[1:])
             self.description = _describe(data)
         else:
             raise ValueError("data must be a tensor (n, d), an object with .sample(n, generator=...) "
@@ -181,7 +184,7 @@ class _Data:
             idx = torch.randint(self.tensor.shape[0], (n,), generator=generator)
             c = None if self.cond is None else self.cond[idx.to(self.cond.device)]
             return self.tensor[idx.to(self.tensor.device)], c
-        return _check_batch(self.sampler(n, generator), self.dims, "the sampler"), None
+        return _check_batch(self.sampler(n, generator), self.dims, "the sampler", self.images), None
 
     def reference(self, n: int, generator: torch.Generator):
         """Rows to compare samples with: fresh draws, or distinct rows of a tensor."""
@@ -329,7 +332,8 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
 
     data: a tensor (n, d) (minibatches drawn with replacement), an object with
       `.sample(n, generator=...) -> (n, d)` (the toy2d distributions), or a callable
-      `(n, generator) -> (n, d)`. Only vector data for now.
+      `(n, generator) -> (n, d)`. Vector data for the built-in networks; with a ready network
+      (model=nn.Module) data of any shape (n, *dims), e.g. images (n, 1, 8, 8) for the digits U-Net.
     model: the velocity network. "mlp" (default): MLPVelocity(d, hidden), hidden defaulting to
       (256, 256, 256). "egnn": the E(3)-equivariant EGNNVelocity over the atoms of one molecule,
       with cond=task.graph (tiltflow.tasks.molecules) and data (n, atoms * 3) coordinates;
@@ -364,7 +368,8 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
     dev = dist.device(cfg.device)
-    source = _Data(data, cond, cfg.seed)
+    # a ready network (e.g. the digits U-Net) may take data of any shape (n, *dims)
+    source = _Data(data, cond, cfg.seed, images=isinstance(model, nn.Module))
 
     # Initialise from `seed` without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):

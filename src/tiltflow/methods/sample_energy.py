@@ -8,9 +8,13 @@ Adjoint Sampling loss (solvers/adjoint_sampling.py) regresses on bridge points X
 `samples_per_epoch` paths serves `batches_per_epoch` gradient steps (Havens et al. 2025, Alg. 1).
 
 Particle systems (energies with `project`): the prior, every velocity and every noise are
-projected onto the mean-free subspace, so samples have zero centre of mass. The network is a plain
-MLP on the flattened coordinates (not permutation-equivariant, unlike the paper's EGNN): it
-treats particles as labelled, which is correct but learns the symmetry only from data.
+projected onto the mean-free subspace, so samples have zero centre of mass. The control added to
+the prior's velocity is `network="mlp"` (flattened coordinates: particles treated as labelled,
+the symmetry learned only from data) or `network="egnn"` (the paper's choice: the E(n)- and
+permutation-equivariant EGNNVelocity over n identical particles, for energies with `n_particles`
+and `spatial_dim`; its coordinate outputs start at zero so the sampler starts at the prior). The
+isotropic prior's velocity is a multiple of x, hence equivariant too: so is the whole sampler,
+and the law of its samples is invariant under rotations, reflections and relabelling of particles.
 
 Run folders (`out=`): config.json, log.jsonl (one record per epoch), checkpoints/ every
 `checkpoint_every` epochs (weights, optimiser, replay buffer and random streams, written
@@ -42,7 +46,8 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from .. import estimators
 from ..models.analytic import GaussianMixtureVelocity
-from ..models.flow_model import FlowModel
+from ..models.egnn import EGNNVelocity
+from ..models.flow_model import FlowModel, ResidualVelocity
 from ..solvers.adjoint_sampling import AdjointSampling
 from ..solvers.reciprocal import control_regression
 from .finetune import make_finetune_model
@@ -61,6 +66,7 @@ class EnergyConfig:
     steps: int = 50                 # memoryless-SDE steps per rollout (uniform grid)
     lr: float = 1e-3
     lr_final: float | None = None   # cosine decay to this value (None: constant)
+    network: str = "mlp"            # control network: "mlp" or "egnn" (particles: equivariant, hidden = (width,) * layers)
     hidden: tuple = (128, 128)
     grad_clip: float = 1.0
     energy_grad_clip: float | None = 100.0   # max norm of ∇E per sample (the paper clips scores too)
@@ -84,8 +90,13 @@ class EnergySampler:
         xs, _ = estimators.path_rollout(self.model, n, grid, gen, project=self.project)
         return xs[-1].to(torch.get_default_dtype())
 
-    def log_Z(self, n: int = 4096, steps: int | None = None, seed: int = 0) -> estimators.PathWeights:
-        """Crooks weights: log ∫ exp(−E) (over the mean-free subspace for particles), ESS, reweighting."""
+    def log_Z(self, n: int = 4096, steps: int | None = None, seed: int = 0, target_samples=None
+              ) -> estimators.PathWeights | estimators.TwoSidedWeights:
+        """Crooks weights: log ∫ exp(−E) (over the mean-free subspace for particles), ESS, reweighting.
+        With target_samples (n_R, dim) of exp(−E) (e.g. long MCMC): the two-sided BAR estimate."""
+        if target_samples is not None:
+            return estimators.crooks_two_sided(self.model, lambda x: -self.energy(x), target_samples, n,
+                                               steps or self.config.steps, seed, project=self.project)
         return estimators.crooks(self.model, lambda x: -self.energy(x), n, steps or self.config.steps, seed,
                                  project=self.project)
 
@@ -103,6 +114,11 @@ class EnergySampler:
         known = {f.name for f in fields(EnergyConfig)}
         saved = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         saved = {k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k in known}
+        res = getattr(model.net, "residual", None)     # the architecture in the file wins over config.json
+        if isinstance(res, EGNNVelocity):
+            saved.update(network="egnn", hidden=(res.hidden,) * res.n_layers)
+        elif res is not None:
+            saved.update(network="mlp")
         history = []
         log = Path(path).with_name("log.jsonl")
         if log.is_file():
@@ -135,6 +151,23 @@ class ReplayBuffer(torch.nn.Module):
 def gaussian_prior(dim: int, scale: float) -> FlowModel:
     """The base FlowModel: exact velocity of N(0, scale² I) data."""
     return FlowModel(GaussianMixtureVelocity([1.0], torch.zeros(1, dim), scale**2 * torch.eye(dim)[None]))
+
+
+def make_control(prior: FlowModel, energy, cfg: EnergyConfig) -> FlowModel:
+    """The model to train: the frozen prior plus a control network that starts at zero."""
+    if cfg.network == "mlp":
+        return make_finetune_model(prior, "residual", cfg.hidden, cfg.seed)
+    n, d = getattr(energy, "n_particles", None), getattr(energy, "spatial_dim", None)
+    if n is None or d is None or n * d != prior.shape[0]:
+        raise ValueError("network='egnn' needs a particle energy with n_particles and spatial_dim "
+                         f"(n_particles · spatial_dim = dim); got n_particles={n}, spatial_dim={d}, dim={prior.shape[0]}")
+    with torch.random.fork_rng(devices=[]):      # the control's init depends on `seed` only
+        torch.manual_seed(cfg.seed)
+        egnn = EGNNVelocity.particles(n, d, hidden=cfg.hidden[0], layers=len(cfg.hidden))
+    for layer in egnn.layers:        # zero coordinate updates: v_egnn = 0, the sampler starts at the prior
+        torch.nn.init.zeros_(layer.coord[-1].weight)
+        torch.nn.init.zeros_(layer.coord[-1].bias)
+    return FlowModel(ResidualVelocity(prior.copy().net, egnn), prior.path, prior.shape).to(prior.device)
 
 
 def _energy_grad(energy, x, clip):
@@ -177,6 +210,12 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    if cfg.network not in ("mlp", "egnn"):
+        raise ValueError(f"network must be 'mlp' or 'egnn', got {cfg.network!r}")
+    if not cfg.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in cfg.hidden):
+        raise ValueError(f"hidden must be a non-empty tuple of positive integers, got {cfg.hidden!r}")
+    if cfg.network == "egnn" and len(set(cfg.hidden)) != 1:
+        raise ValueError(f"network='egnn' takes hidden=(width,) * layers with one width, got {cfg.hidden!r}")
     if project is None:
         project = getattr(energy, "project", None)
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
@@ -185,7 +224,7 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
     device = dist.device(cfg.device)
     prior = gaussian_prior(dim, cfg.prior_scale).to(device).eval()
     prior.requires_grad_(False)
-    ft = make_finetune_model(prior, "residual", cfg.hidden, cfg.seed)
+    ft = make_control(prior, energy, cfg)
     dist.broadcast_module(ft)
     params = [p for p in ft.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr)

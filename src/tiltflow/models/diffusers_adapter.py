@@ -19,6 +19,10 @@ Conditioning `cond` is a dict of cached text embeddings (see `encode_prompts`):
     "encoder_hidden_states": (b, L, D);  "pooled_projections": (b, P)   (SD3 only)
 and, for classifier-free guidance, "negative_encoder_hidden_states" / "negative_pooled_projections"
 of the same shapes. b must divide the batch of x (rows are tiled: b = 1 is one prompt for all).
+Other entries pass through unused by the network: encode_prompts adds "prompt" (the n strings, for
+text rewards such as image_rewards.CLIPScore). cond may also be a string or a list of strings when
+the adapter has a `PromptEncoder` (from_diffusers attaches the pipeline's text encoders): each
+prompt is encoded once, cached, and the encoder is shared by copies and never saved.
 Classifier-free guidance (guidance_scale w ≠ 1) combines the network outputs as diffusers does,
 f = f_neg + w (f_cond − f_neg); the conversion to a velocity is affine in f, so the velocity is
 combined the same way. The default w = 1 (no guidance) keeps the base a true flow whose marginals
@@ -90,21 +94,39 @@ class _DiffusersVelocity(nn.Module):
         self.model = model
         self.guidance_scale = float(guidance_scale)
         self.lora = None    # {"rank", "alpha", "target_modules"} once add_lora ran
+        self.prompt_encoder = None   # PromptEncoder: strings as cond (not weights; shared by copies)
 
     @property
     def shape(self) -> tuple:
         s = self.model.config.sample_size
         return (self.model.config.in_channels, *((s, s) if isinstance(s, int) else s))
 
-    def _cond(self, cond, n: int) -> tuple[dict, dict | None]:
+    def encode_text(self, prompts, device=None) -> dict:
+        """Prompt strings -> cond dict through the attached prompt encoder (cached), as encode_prompts."""
+        if self.prompt_encoder is None:
+            raise ValueError("cond is text, but this model has no prompt encoder (from_diffusers attaches the "
+                             "pipeline's; a FlowModel file has none): encode the prompts once with the pipeline's "
+                             "own encoders, cond=tiltflow.models.diffusers_adapter.encode_prompts(pipe, [...]), "
+                             "or attach them with set_prompt_encoder(model, pipe)")
+        return self.prompt_encoder(prompts, guidance=self.guidance_scale != 1.0, device=device)
+
+    def _cond(self, cond, n: int, device=None) -> tuple[dict, dict | None]:
         if torch.is_tensor(cond):
             cond = {"encoder_hidden_states": cond}
+        if _is_text(cond):
+            cond = self.encode_text(cond, device)
         if not isinstance(cond, dict):
             raise ValueError(f"cond must be a dict of text embeddings ({', '.join(self.cond_keys)}), "
                              f"got {type(cond).__name__}; build it with encode_prompts")
         missing = [k for k in self.cond_keys if k not in cond]
         if missing:
             raise ValueError(f"cond is missing {missing}; it needs {list(self.cond_keys)}")
+        # entries other than the embeddings (e.g. "prompt", for rewards) are not the network's
+        text = cond.get("prompt")
+        rows = cond[self.cond_keys[0]].shape[0] if torch.is_tensor(cond[self.cond_keys[0]]) else None
+        if isinstance(text, (list, tuple)) and rows is not None and len(text) != rows:
+            raise ValueError(f"cond['prompt'] has {len(text)} prompts for {rows} rows of "
+                             f"{self.cond_keys[0]!r}; they must match row for row")
         pos = {k: _tile(cond[k], n, k) for k in self.cond_keys}
         if self.guidance_scale == 1.0:
             return pos, None
@@ -116,12 +138,12 @@ class _DiffusersVelocity(nn.Module):
 
     def _output(self, x, timestep, cond) -> torch.Tensor:
         """The network's own prediction f in its dtype; guidance applied. x: (batch, *shape)."""
-        pos, neg = self._cond(cond, x.shape[0])
+        pos, neg = self._cond(cond, x.shape[0], x.device)
         dt = next(self.model.parameters()).dtype
         # the timestep stays in x's precision, as in the pipelines (bf16 would round 999 to 1000)
         if neg is None:
-            return self._call(x.to(dt), timestep, {k: v.to(dt) for k, v in pos.items()})
-        both = {k: torch.cat([neg[k], pos[k]]).to(dt) for k in pos}
+            return self._call(x.to(dt), timestep, {k: v.to(x.device, dt) for k, v in pos.items()})
+        both = {k: torch.cat([neg[k], pos[k]]).to(x.device, dt) for k in pos}
         f_neg, f_pos = self._call(torch.cat([x, x]).to(dt), torch.cat([timestep, timestep]), both).chunk(2)
         return f_neg + self.guidance_scale * (f_pos - f_neg)
 
@@ -219,8 +241,8 @@ class UNetVelocity(_DiffusersVelocity):
 
 # --- loading ---------------------------------------------------------------------------------
 
-def _local_folder(name_or_path) -> Path:
-    """A local diffusers folder: the path itself, or the snapshot in the Hugging Face cache."""
+def _local_folder(name_or_path, what: str = "diffusers model") -> Path:
+    """A local folder: the path itself, or the snapshot in the Hugging Face cache (never downloaded)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
@@ -229,10 +251,10 @@ def _local_folder(name_or_path) -> Path:
         return Path(snapshot_download(str(name_or_path), local_files_only=True))
     except Exception as e:  # noqa: BLE001 — several hub errors mean "not cached"
         raise FileNotFoundError(
-            f"no diffusers model {str(name_or_path)!r}: not a local folder ({p.resolve()}) and not in the "
+            f"no {what} {str(name_or_path)!r}: not a local folder ({p.resolve()}) and not in the "
             f"Hugging Face cache ({constants.HF_HUB_CACHE}; set HF_HOME or HF_HUB_CACHE to move it). "
             "Nothing is downloaded: fetch it first, e.g. `huggingface-cli download "
-            f"{name_or_path}`, or pass the folder written by pipeline.save_pretrained ({type(e).__name__})") from None
+            f"{name_or_path}`, or pass the folder written by save_pretrained ({type(e).__name__})") from None
 
 
 def _adapter_from_parts(model, scheduler, guidance_scale) -> nn.Module:
@@ -254,15 +276,18 @@ def _adapter_from_parts(model, scheduler, guidance_scale) -> nn.Module:
 
 
 def from_diffusers(path_or_pipeline, dtype=None, guidance_scale: float = 1.0, shape=None, device=None,
-                   gradient_checkpointing: bool = False):
+                   gradient_checkpointing: bool = False, text_encoders: bool = True):
     """A FlowModel around a diffusers SD3-family transformer or SD1.5-family U-Net.
 
     path_or_pipeline: a pipeline object, a folder written by `save_pretrained`, or a hub id already
     in the local Hugging Face cache (never downloaded: FileNotFoundError saying where it looked).
     dtype: e.g. "bfloat16" (weights; inputs and outputs are cast at the boundary).
     shape: latent shape (C, H, W); default the network's sample_size (SD3: 128 ↔ 1024 px).
-    Only the network and the scheduler are loaded from a folder (no text encoders, no VAE); a
-    pipeline's own network is wrapped, not copied (dtype converts it in place).
+    From a folder, the network, the scheduler and (text_encoders=True, if the folder has them) the
+    tokenizers and text encoders are loaded — never the VAE (image_rewards.Decoded loads it where a
+    reward needs pixels). A pipeline's own network is wrapped, not copied (dtype converts it in place).
+    The text encoders become the adapter's frozen PromptEncoder, so cond= and finetune's prompts=
+    may be strings (each encoded once); they are not part of the saved weights.
     gradient_checkpointing: recompute the network's activations in backward (less memory).
     """
     _require()
@@ -277,6 +302,7 @@ def from_diffusers(path_or_pipeline, dtype=None, guidance_scale: float = 1.0, sh
         scheduler = pipe.scheduler
         if dtype is not None:
             model = model.to(dtype)
+        text = pipe if text_encoders and getattr(pipe, "text_encoder", None) is not None else None
     else:
         import diffusers
         folder = _local_folder(path_or_pipeline)
@@ -291,7 +317,19 @@ def from_diffusers(path_or_pipeline, dtype=None, guidance_scale: float = 1.0, sh
         model = cls.from_pretrained(folder, subfolder=name, local_files_only=True, torch_dtype=dtype)
         sched_cls = getattr(diffusers, parts["scheduler"][1])
         scheduler = sched_cls.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        text = None
+        if text_encoders and (parts.get("text_encoder") or [None])[0] is not None:
+            # the pipeline with only its tokenizers and text encoders (and our network, whose config
+            # SD3's encode_prompt reads); every other component (VAE, safety checker, ...) left out
+            skip = {k: None for k, v in parts.items() if isinstance(v, list) and (
+                not k.startswith(("text_encoder", "tokenizer", "scheduler")) or v[0] is None)}
+            text = getattr(diffusers, parts["_class_name"]).from_pretrained(
+                folder, local_files_only=True, torch_dtype=dtype, **{**skip, name: model, "scheduler": scheduler})
+            if device is not None:
+                text.to(device)
     net = _adapter_from_parts(model, scheduler, guidance_scale)
+    if text is not None:
+        net.prompt_encoder = PromptEncoder(text)
     net.model.requires_grad_(False)
     if gradient_checkpointing:
         net.model.enable_gradient_checkpointing()
@@ -321,8 +359,9 @@ def build_adapter(cfg: dict) -> nn.Module:
 def encode_prompts(pipe, prompts, negative_prompts=None, guidance: bool = False, device=None) -> dict:
     """Cached text embeddings for `prompts` through the pipeline's own encoders: the `cond` dict.
 
-    Returns {"encoder_hidden_states": (n, L, D)[, "pooled_projections": (n, P)]} and, with
-    guidance=True, the "negative_*" entries (negative_prompts, default the empty prompt).
+    Returns {"encoder_hidden_states": (n, L, D)[, "pooled_projections": (n, P)], "prompt": n strings}
+    and, with guidance=True, the "negative_*" entries (negative_prompts, default the empty prompt).
+    "prompt" is for text rewards (CLIPScore, PickScore); the network ignores it.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -345,7 +384,59 @@ def encode_prompts(pipe, prompts, negative_prompts=None, guidance: bool = False,
             out = {"encoder_hidden_states": e}
             if guidance:
                 out["negative_encoder_hidden_states"] = ne
+    out["prompt"] = list(prompts)
     return out
+
+
+def _is_text(c) -> bool:
+    return isinstance(c, str) or (isinstance(c, (list, tuple)) and len(c) > 0 and all(isinstance(p, str) for p in c))
+
+
+class PromptEncoder:
+    """Prompt strings -> cond dicts through a pipeline's own text encoders, each prompt encoded once.
+
+    Frozen (runs under no_grad) and not part of the adapter's weights: copies of the adapter
+    (FlowModel.copy, finetune) share it, and FlowModel.save does not write it. Rows are cached
+    per (prompt, guidance): the pipelines pad every prompt to a fixed length, so a row does not
+    depend on the other prompts of its batch.
+    """
+
+    def __init__(self, pipe):
+        if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
+            raise ValueError(f"pipeline {type(pipe).__name__} has no text encoder and tokenizer to encode prompts")
+        self.pipe = pipe
+        self._rows: dict = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, prompts, guidance: bool = False, device=None) -> dict:
+        """prompts: str or list of n str -> {embedding keys: (n, ...), "prompt": n strings}."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        new = list(dict.fromkeys(p for p in prompts if (p, guidance) not in self._rows))
+        if new:
+            out = encode_prompts(self.pipe, new, guidance=guidance)
+            for j, p in enumerate(new):
+                self._rows[(p, guidance)] = {k: v[j:j + 1] for k, v in out.items() if torch.is_tensor(v)}
+        rows = [self._rows[(p, guidance)] for p in prompts]
+        cond = {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
+        cond["prompt"] = prompts
+        return cond
+
+
+def set_prompt_encoder(model, pipe):
+    """Attach `pipe`'s text encoders to a diffusers FlowModel so cond and prompts may be strings."""
+    _adapter(model).prompt_encoder = None if pipe is None else PromptEncoder(pipe)
+    return model
+
+
+def encode_text(model, c):
+    """c unchanged unless it is text (a string or list of strings) and `model` has a prompt encoder;
+    then its cond dict. finetune calls this on prompts= and cond= before anything else sees them."""
+    net = getattr(model, "net", model)
+    if not _is_text(c) or getattr(net, "prompt_encoder", None) is None:
+        return c
+    return net.encode_text(c, getattr(model, "device", None))
 
 
 # --- LoRA ------------------------------------------------------------------------------------

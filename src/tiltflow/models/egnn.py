@@ -1,7 +1,9 @@
 """E(3)-equivariant velocity for the atoms of one molecule (EGNN, Satorras et al. 2021).
 
 The molecular graph is part of the network: atom types embed the nodes and bond orders label
-the edges of a fully connected graph. Coordinates enter only through differences x_i − x_j, so
+the edges of a fully connected graph. Identical particles (DW-4, LJ-13) are the graph with one
+atom type and no bonds (`EGNNVelocity.particles`), in any spatial dimension; the velocity is then
+also permutation-equivariant. Coordinates enter only through differences x_i − x_j, so
 
     v(R x + a, t) = R v(x, t)  on the mean-free subspace (Σ_i x_i = 0),
 
@@ -39,13 +41,16 @@ class _EGNNLayer(nn.Module):
         self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, h, x, edge_attr, mask):
-        # h: (B, N, H); x: (B, N, 3); edge_attr: (N, N, K); mask: (N, N) 1 off the diagonal
+        # h: (B, N, H); x: (B, N, D); edge_attr: (N, N, K); mask: (N, N) 1 off the diagonal
         b, n, hid = h.shape
-        diff = x[:, :, None] - x[:, None, :]                                  # x_i − x_j: (B, N, N, 3)
+        diff = x[:, :, None] - x[:, None, :]                                  # x_i − x_j: (B, N, N, D)
         d2 = diff.pow(2).sum(-1, keepdim=True)
-        e = torch.cat([h[:, :, None].expand(b, n, n, hid), h[:, None].expand(b, n, n, hid), d2,
-                       edge_attr.expand(b, n, n, -1)], dim=-1)
-        m = self.edge(e) * mask[..., None]
+        # φ_e's first linear layer on [h_i, h_j, |x_ij|², a_ij] split into its blocks: the node
+        # blocks are applied per node and broadcast over edges, so that O(N² H²) work becomes O(N H²)
+        w, bias = self.edge[0].weight, self.edge[0].bias
+        pre = ((h @ w[:, :hid].T)[:, :, None] + (h @ w[:, hid:2 * hid].T)[:, None] + d2 * w[:, 2 * hid]
+               + edge_attr @ w[:, 2 * hid + 1:].T + bias)
+        m = self.edge[1:](pre) * mask[..., None]
         # normalising by |x_ij| + 1 keeps coordinate updates bounded when atoms are far apart;
         # the 1e-12 keeps ∂|x_ii|/∂x finite on the (masked) diagonal, where 0·inf would give NaN
         x = x + (diff * self.coord(m) / ((d2 + 1e-12).sqrt() + 1.0) * mask[..., None]).sum(2) / (n - 1)
@@ -54,14 +59,15 @@ class _EGNNLayer(nn.Module):
 
 
 class EGNNVelocity(nn.Module):
-    """v(x, t): x (batch, atoms * 3) in Å, t (batch,) -> (batch, atoms * 3), E(3)-equivariant.
+    """v(x, t): x (batch, atoms * D) in Å, t (batch,) -> (batch, atoms * D), E(D)-equivariant.
 
     atomic_numbers: (atoms,); bonds: (n_bonds, 2) atom indices; bond_orders: (n_bonds,) with
-    1, 2, 3 or 1.5 (aromatic). `cond` is not used: the graph is fixed at construction.
+    1, 2, 3 or 1.5 (aromatic); spatial_dim: D (3 for molecules). `cond` is not used: the graph
+    is fixed at construction.
     """
 
     def __init__(self, atomic_numbers, bonds, bond_orders=None, hidden: int = 64, layers: int = 4,
-                 time_dim: int = 32):
+                 time_dim: int = 32, spatial_dim: int = 3):
         super().__init__()
         z = torch.as_tensor(atomic_numbers, dtype=torch.long).flatten()
         bonds = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
@@ -73,7 +79,9 @@ class EGNNVelocity(nn.Module):
         orders = torch.ones(bonds.shape[0]) if bond_orders is None else torch.as_tensor(bond_orders, dtype=torch.float32)
         if orders.shape != (bonds.shape[0],):
             raise ValueError(f"bond_orders must have shape ({bonds.shape[0]},), got {tuple(orders.shape)}")
-        self.n_atoms, self.dim = n, 3 * n
+        if isinstance(spatial_dim, bool) or not isinstance(spatial_dim, int) or spatial_dim <= 0:
+            raise ValueError(f"spatial_dim must be a positive integer, got {spatial_dim!r}")
+        self.n_atoms, self.spatial_dim, self.dim = n, spatial_dim, spatial_dim * n
         self.hidden, self.n_layers, self.time_dim = int(hidden), int(layers), int(time_dim)
         self._graph = (z.tolist(), bonds.tolist(), orders.tolist())
         elements = sorted(set(z.tolist()))
@@ -93,14 +101,20 @@ class EGNNVelocity(nn.Module):
         """From a `tiltflow.tasks.molecules.MolGraph` (task.graph)."""
         return cls(graph.atomic_numbers, graph.bonds, graph.bond_orders, **kwargs)
 
+    @classmethod
+    def particles(cls, n_particles: int, spatial_dim: int = 3, **kwargs) -> "EGNNVelocity":
+        """n identical particles in `spatial_dim` dimensions: one type, no bonds, fully connected."""
+        return cls([0] * n_particles, [], spatial_dim=spatial_dim, **kwargs)
+
     def config(self) -> dict:
         z, bonds, orders = self._graph
         return {"class": "EGNNVelocity", "atomic_numbers": z, "bonds": bonds, "bond_orders": orders,
-                "hidden": self.hidden, "layers": self.n_layers, "time_dim": self.time_dim}
+                "hidden": self.hidden, "layers": self.n_layers, "time_dim": self.time_dim,
+                "spatial_dim": self.spatial_dim}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         b = x.shape[0]
-        pos = x.reshape(b, self.n_atoms, 3)
+        pos = x.reshape(b, self.n_atoms, self.spatial_dim)
         c = pos.mean(dim=1, keepdim=True)
         pos = pos - c
         h = self.embed_type(self.types).to(x.dtype).expand(b, -1, -1)

@@ -53,11 +53,18 @@ def build_net(cfg: dict) -> nn.Module:
     if cls == "EGNNVelocity":
         from .egnn import EGNNVelocity
         return EGNNVelocity(**cfg)
+    if cls == "SmallUNetVelocity":
+        from .unet import SmallUNetVelocity
+        return SmallUNetVelocity(**cfg)
+    if cls == "FixedCondVelocity":
+        from .unet import FixedCondVelocity
+        return FixedCondVelocity(build_net(cfg["net"]), [cfg["cond"]])
     if cls in ("SD3Velocity", "UNetVelocity"):  # diffusers adapters; needs tiltflow[diffusers]
         from .diffusers_adapter import build_adapter
         return build_adapter({"class": cls, **cfg})
     raise ValueError(f"unknown network class {cls!r} in checkpoint; known: MLPVelocity, "
-                     "GaussianMixtureVelocity, ResidualVelocity, EGNNVelocity, SD3Velocity, UNetVelocity")
+                     "GaussianMixtureVelocity, ResidualVelocity, EGNNVelocity, SmallUNetVelocity, "
+                     "FixedCondVelocity, SD3Velocity, UNetVelocity")
 
 
 def _check_positive_int(name, value):

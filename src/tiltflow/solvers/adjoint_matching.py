@@ -137,6 +137,35 @@ def adjoint_matching_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torc
     return loss, kl
 
 
+def backward_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torch.Tensor, idx: torch.Tensor,
+                  weights: torch.Tensor, chunk: int | None = None, scale: float = 1.0,
+                  backward: Callable | None = None, autocast=None):
+    """Backpropagate scale · L (adjoint_matching_loss) in chunks of `chunk` loss times; returns (L, kl) floats.
+
+    L is a mean over the k·B (time, trajectory) pairs, so with chunks S_c of k_c times
+        L = Σ_c (k_c / k) L_c,   ∇L = Σ_c (k_c / k) ∇L_c,   kl = Σ_c kl_c,
+    and gradients accumulated chunk by chunk equal the one-pass gradient up to rounding, while only
+    one chunk's activations (k_c·B rows of the fine-tuned net) are alive at a time.
+    chunk=None: one pass. backward(loss) replaces loss.backward() (e.g. a GradScaler's scale);
+    autocast: a context manager factory wrapping the forward passes (mixed precision).
+    """
+    k = len(idx)
+    chunk = k if chunk is None else chunk
+    total, kl = 0.0, 0.0
+    for s in range(0, k, chunk):
+        sl = slice(s, min(s + chunk, k))
+        if autocast is None:
+            loss_c, kl_c = adjoint_matching_loss(ft, base, ro, adj, idx[sl], weights[sl])
+        else:
+            with autocast():
+                loss_c, kl_c = adjoint_matching_loss(ft, base, ro, adj, idx[sl], weights[sl])
+        part = loss_c * (scale * (sl.stop - sl.start) / k)
+        (part.backward if backward is None else lambda: backward(part))()
+        total += float(loss_c.detach()) * (sl.stop - sl.start) / k
+        kl += kl_c
+    return total, kl
+
+
 def _repeat_cond(cond, k: int):
     if cond is None or not torch.is_tensor(cond):
         return cond

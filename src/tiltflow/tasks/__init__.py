@@ -1,3 +1,3 @@
-"""Ready-made tasks: base data, rewards and metrics (toy2d, energies, molecules)."""
+"""Ready-made tasks: base data, rewards and metrics (toy2d, energies, molecules, digits)."""
 
-from . import molecules
+from . import digits, molecules
