@@ -90,18 +90,23 @@ def test_gaussian_quadratic_tilt():
     torch.testing.assert_close(x.mean(0), cov_t @ torch.linalg.solve(COV, MU), atol=0.05, rtol=0)
 
 
+def _mixture_tilt(iters):
+    """Samples (20000, 2) of a model fine-tuned for `iters` on the two-mode mixture below, the
+    exact tilt, and the mask of samples in the right mode."""
+    mix = GaussianMixture.isotropic([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [0.5, 0.5])
+    base = FlowModel(GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
+    a = torch.tensor([0.5, 0.0])
+    ft = finetune(base, Linear(a), lam=1.0, iters=iters, **FAST)
+    x = ft.sample(20000, steps=50, seed=1)
+    return x, mix.tilt_linear(a, 1.0), x[:, 0] > 0
+
+
 def test_mixture_linear_tilt_moves_mass_to_the_rewarded_mode():
     """The short version of the test below (300 iterations, weight and right mean only): the
     right mode's weight must reach 0.818 ± 0.08 (measured 0.767), where a shift-only tilt stays
     at 0.5 and a sign error goes to 0.18; the right mean 1.625 ± 0.08 (measured 1.643; the base's
     is 1.5)."""
-    mix = GaussianMixture.isotropic([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [0.5, 0.5])
-    base = FlowModel(GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
-    a = torch.tensor([0.5, 0.0])
-    exact = mix.tilt_linear(a, 1.0)
-    ft = finetune(base, Linear(a), lam=1.0, iters=300, **FAST)
-    x = ft.sample(20000, steps=50, seed=1)
-    right = x[:, 0] > 0
+    x, exact, right = _mixture_tilt(300)
     assert right.float().mean().item() == pytest.approx(float(exact.weights[1]), abs=0.08)
     assert x[right, 0].mean().item() == pytest.approx(float(exact.means[1, 0]), abs=0.08)
 
@@ -115,13 +120,7 @@ def test_mixture_linear_tilt_reweights_components():
     where the loss weight 4/σ² ≈ 2t is small. Measured (right weight / right mean / left mean):
     250 iterations 0.78 / 1.70 / −1.10, 1000 iterations 0.80 / 1.66 / −1.36 (exact 0.82 / 1.625
     / −1.375). A shift-only tilt keeps the weight at 0.5 and a sign error sends it to 0.18."""
-    mix = GaussianMixture.isotropic([0.5, 0.5], [[-1.5, 0.0], [1.5, 0.0]], [0.5, 0.5])
-    base = FlowModel(GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
-    a = torch.tensor([0.5, 0.0])
-    exact = mix.tilt_linear(a, 1.0)
-    ft = finetune(base, Linear(a), lam=1.0, iters=1000, **FAST)
-    x = ft.sample(20000, steps=50, seed=1)
-    right = x[:, 0] > 0
+    x, exact, right = _mixture_tilt(1000)
     assert right.float().mean().item() == pytest.approx(float(exact.weights[1]), abs=0.04)
     assert x[right, 0].mean().item() == pytest.approx(float(exact.means[1, 0]), abs=0.05)
     assert x[~right, 0].mean().item() == pytest.approx(float(exact.means[0, 0]), abs=0.08)

@@ -314,35 +314,14 @@ def test_finetune_lora_raises_brightness(family, tmp_path):
 
 # --- text conditioning through the pipeline's own encoders ----------------------------------------
 
-def _byte_chars():
-    """GPT-2's byte → printable-character table (what CLIP's byte-level BPE uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def tiny_sd3_pipeline(tmp_path):
     """SD3 pipeline without VAE or T5: a byte-level CLIP tokenizer (no merges) and two tiny CLIP encoders."""
     transformers = pytest.importorskip("transformers")
     from diffusers import StableDiffusion3Pipeline
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for c in _byte_chars():
-            vocab[c + suffix] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = transformers.CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=77)
+    from tiny_text import clip_tokenizer, text_config
+    tok, vocab = clip_tokenizer(tmp_path)
     # hidden 2 × 16 = joint_attention_dim 32; pooled projections 2 × 8 = pooled_projection_dim 16
-    cfg = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, projection_dim=8, max_position_embeddings=77,
-                                      bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                                      pad_token_id=vocab["<|endoftext|>"])
+    cfg = transformers.CLIPTextConfig(**text_config(vocab, projection_dim=8))
     torch.manual_seed(0)
     te1, te2 = transformers.CLIPTextModelWithProjection(cfg), transformers.CLIPTextModelWithProjection(cfg)
     return StableDiffusion3Pipeline(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=None,

@@ -7,7 +7,6 @@ hand; a Weighted sum is the sum; Decoded is the pixel reward of vae.decode(x / s
 downloaded: missing models raise FileNotFoundError naming the cache.
 """
 
-import json
 import subprocess
 import sys
 
@@ -24,43 +23,13 @@ from safetensors.torch import save_file  # noqa: E402
 import tiltflow as tilt  # noqa: E402
 from tiltflow import image_rewards as ir  # noqa: E402
 from tiltflow.models import diffusers_adapter as da  # noqa: E402
+from tiny_text import clip_tokenizer, text_config  # noqa: E402
 
 torch.set_num_threads(1)
 PROMPTS = ["a red bicycle", "a cat"]
 
 
 # --- tiny models (random weights, from config) ----------------------------------------------------
-
-def _byte_chars():
-    """GPT-2's byte → printable-character table (CLIP's byte-level BPE alphabet)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
-def _tokenizer(folder):
-    """A CLIP tokenizer over single bytes (no merges): any text, a 514-token vocabulary."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = {}
-    for suffix in ("", "</w>"):
-        for c in _byte_chars():
-            vocab[c + suffix] = len(vocab)
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77), vocab
-
-
-def _text_cfg(vocab, **kw):
-    return dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"], **kw)
-
 
 def tiny_vae(scaling=1.5, shift=0.1):
     """Two blocks: latents (4, h, w) decode to pixels (3, 2h, 2w)."""
@@ -75,10 +44,10 @@ def tiny_vae(scaling=1.5, shift=0.1):
 def clip_dir(tmp_path_factory):
     """CLIPModel (projection 8, 32 px images, 8 px patches) + CLIPProcessor, saved with save_pretrained."""
     d = tmp_path_factory.mktemp("clip")
-    tok, vocab = _tokenizer(d)
+    tok, vocab = clip_tokenizer(d)
     ip = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     transformers.CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(d)
-    cfg = transformers.CLIPConfig(text_config=_text_cfg(vocab), projection_dim=8,
+    cfg = transformers.CLIPConfig(text_config=text_config(vocab), projection_dim=8,
                                   vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                      num_attention_heads=2, image_size=32, patch_size=8))
     torch.manual_seed(0)
@@ -98,9 +67,9 @@ def sd3_dir(tmp_path_factory):
     """An SD3 pipeline folder: tiny transformer, two tiny CLIP text encoders (no T5), tiny VAE."""
     from diffusers import StableDiffusion3Pipeline
     d = tmp_path_factory.mktemp("sd3")
-    tok, vocab = _tokenizer(d / "tok")
+    tok, vocab = clip_tokenizer(d / "tok")
     # hidden 2 × 16 = joint_attention_dim 32; pooled projections 2 × 8 = pooled_projection_dim 16
-    cfg = transformers.CLIPTextConfig(**_text_cfg(vocab, projection_dim=8))
+    cfg = transformers.CLIPTextConfig(**text_config(vocab, projection_dim=8))
     torch.manual_seed(0)
     te1, te2 = transformers.CLIPTextModelWithProjection(cfg), transformers.CLIPTextModelWithProjection(cfg)
     tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1,
@@ -380,9 +349,9 @@ def test_string_cond_equals_encode_prompts_sd15_and_guided_sd3(sd3_dir, tmp_path
     """v(x, t, "a cat") = v(x, t, encode_prompts(pipe, ["a cat"], guidance)) for an SD1.5 folder
     (U-Net, one CLIP text encoder) and for SD3 with classifier-free guidance (negative = "")."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    tok, vocab = _tokenizer(tmp_path / "tok")
+    tok, vocab = clip_tokenizer(tmp_path / "tok")
     torch.manual_seed(0)
-    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**_text_cfg(vocab)))
+    te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_config(vocab)))
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
                                 layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
