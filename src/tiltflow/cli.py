@@ -416,7 +416,7 @@ def _finetune_flags(s, no_defaults: bool = False):
     d = (lambda v: None) if no_defaults else (lambda v: v)  # noqa: E731
     _base_run_flag(s, required=False)
     s.add_argument("--config", default=None,
-                   help="a TOML run config for a diffusers base (run_config.py: base, reward, prompts, "
+                   help="a TOML or YAML run config for a diffusers base (run_config.py: base, reward, prompts, "
                         "validation, ...) instead of --run; the flags given here override its values")
     s.add_argument("--reward", default=d("linear"), help=f"one of: {', '.join(rewards_mod.REWARDS)}; with "
                    "--config: latent_mean, clip_score, pickscore, aesthetic (default: linear)")
@@ -462,7 +462,7 @@ def cmd_finetune_config(args) -> int:
 def cmd_finetune(args) -> int:
     if args.config is not None:
         if args.run is not None:
-            raise ValueError("pass either --run (a tiltflow run folder) or --config (a TOML run config), not both")
+            raise ValueError("pass either --run (a tiltflow run folder) or --config (a TOML or YAML run config), not both")
         return cmd_finetune_config(args)
     if args.run is None:
         raise ValueError("finetune needs --run (a run folder holding model.safetensors) or --config run.toml")
@@ -979,7 +979,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("finetune", help="fine-tune a run's model toward a reward (expected or CVaR)",
                        description="Fine-tune the model of --run by Adjoint Matching; writes a run folder with "
                                    "before_after.png, training.png, reward_hist.png and an evaluation in metrics.json; "
-                                   "or fine-tune a diffusers pipeline as the TOML run config --config says.")
+                                   "or fine-tune a diffusers pipeline as the TOML or YAML run config --config says.")
     _finetune_flags(s)
     s.set_defaults(func=cmd_finetune)
 

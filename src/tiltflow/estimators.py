@@ -149,6 +149,13 @@ def base_log_path(base: FlowModel, xs: torch.Tensor, grid: torch.Tensor, cond=No
     return out
 
 
+def _noising_kernel(path, s: float, t: float) -> tuple[float, float]:
+    """(α_s/α_t, (β_s² − (α_s/α_t)² β_t²)^{1/2}): mean factor and std of B(X_s | X_t), s < t."""
+    f = lambda g, u: float(g(torch.tensor(u, dtype=torch.float64)))  # noqa: E731
+    ratio = f(path.alpha, s) / f(path.alpha, t)
+    return ratio, math.sqrt(max(f(path.beta, s) ** 2 - ratio**2 * f(path.beta, t) ** 2, 0.0))
+
+
 def noising_log_path(path, xs: torch.Tensor, grid: torch.Tensor, project: Callable | None = None) -> torch.Tensor:
     """Σ_i log B(X_i | X_{i+1}) of the backward noising kernels; returns (n,) float64.
 
@@ -157,11 +164,8 @@ def noising_log_path(path, xs: torch.Tensor, grid: torch.Tensor, project: Callab
     """
     n, dof = xs.shape[1], _dof(xs[0], project)
     out = torch.zeros(n, dtype=torch.float64, device=xs.device)
-    f = lambda g, u: float(g(torch.tensor(u, dtype=torch.float64)))  # noqa: E731
     for i in range(len(grid) - 1):
-        s, t = float(grid[i]), float(grid[i + 1])
-        ratio = f(path.alpha, s) / f(path.alpha, t)
-        std = math.sqrt(max(f(path.beta, s) ** 2 - ratio**2 * f(path.beta, t) ** 2, 0.0))
+        ratio, std = _noising_kernel(path, float(grid[i]), float(grid[i + 1]))
         res = xs[i] - ratio * xs[i + 1]
         out += -0.5 * res.reshape(n, -1).pow(2).sum(1) / std**2 - dof * (math.log(std) + 0.5 * _LOG2PI)
     return out
@@ -209,11 +213,17 @@ def crooks(model: FlowModel, log_density: Callable, n: int = 4096, steps: int = 
     the projected subspace.
     """
     _check(model, n, steps)
+    return _crooks_forward(model, log_density, n, steps, seed, cond, project)[0]
+
+
+def _crooks_forward(model, log_density, n, steps, seed, cond, project):
+    """(PathWeights of n model paths, the generator after them, the time grid): crooks' work."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
     grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     xs, log_q = path_rollout(model, n, grid, gen, cond, project)
-    return PathWeights(_crooks_log_w(model, log_density, xs, log_q, grid, project),
-                       xs[-1].to(torch.get_default_dtype()))
+    weights = PathWeights(_crooks_log_w(model, log_density, xs, log_q, grid, project),
+                          xs[-1].to(torch.get_default_dtype()))
+    return weights, gen, grid
 
 
 def _crooks_log_w(model, log_density, xs, log_q, grid, project) -> torch.Tensor:
@@ -236,12 +246,9 @@ def noising_rollout(path, x1: torch.Tensor, grid: torch.Tensor, generator: torch
     x = x1.to(torch.float64)
     if project is not None:
         x = project(x)
-    f = lambda g, u: float(g(torch.tensor(u, dtype=torch.float64)))  # noqa: E731
     xs = [x]
     for i in range(len(grid) - 1, 0, -1):
-        s, t = float(grid[i - 1]), float(grid[i])
-        ratio = f(path.alpha, s) / f(path.alpha, t)
-        std = math.sqrt(max(f(path.beta, s) ** 2 - ratio**2 * f(path.beta, t) ** 2, 0.0))
+        ratio, std = _noising_kernel(path, float(grid[i - 1]), float(grid[i]))
         xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
         if project is not None:
             xi = project(xi)
@@ -391,11 +398,7 @@ def crooks_two_sided(model: FlowModel, log_density: Callable, target_samples: to
                          f"got {tuple(y.shape)}")
     if not torch.isfinite(y).all():
         raise ValueError(f"target_samples must be finite, got {int((~torch.isfinite(y)).sum())} non-finite entries")
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
-    xs, log_q = path_rollout(model, n, grid, gen, cond, project)
-    forward = PathWeights(_crooks_log_w(model, log_density, xs, log_q, grid, project),
-                          xs[-1].to(torch.get_default_dtype()))
+    forward, gen, grid = _crooks_forward(model, log_density, n, steps, seed, cond, project)
     # reverse paths continue the same random stream, so they are independent of the forward ones
     ys = noising_rollout(model.path, y.to(model.device), grid, gen, project)
     log_q_rev = base_log_path(model, ys, grid, cond, project)    # the model's density of the P-paths

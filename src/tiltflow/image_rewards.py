@@ -411,6 +411,18 @@ def _load_vae(vae, dtype=None):
     return cls.from_pretrained(folder, subfolder=sub, local_files_only=True, torch_dtype=_dtype(dtype)), str(vae)
 
 
+def decode_latents(vae, x: torch.Tensor, scaling_factor: float | None = None,
+                   shift_factor: float | None = None) -> torch.Tensor:
+    """pixels = clamp(D(x / s + μ) / 2 + 1/2, 0, 1), as the pipelines decode: latents x (b, C, h, w)
+    -> (b, 3, H, W) in x's dtype, differentiable in x. s, μ default to the VAE's config (the
+    pipelines' latents are (z − μ) · s); x must be on the VAE's device."""
+    cfg = vae.config
+    s = cfg.get("scaling_factor", 1.0) if scaling_factor is None else scaling_factor
+    mu = (cfg.get("shift_factor", None) or 0.0) if shift_factor is None else shift_factor
+    img = vae.decode((x / s + mu).to(next(vae.parameters()).dtype), return_dict=False)[0]
+    return (img.to(x.dtype) / 2 + 0.5).clamp(0, 1)           # [-1, 1] -> [0, 1]
+
+
 class Decoded(ImageReward):
     """A pixel reward on latents: r(x, c) = r_pix(clamp(D(x / s + μ) / 2 + 1/2, 0, 1), c).
 
@@ -450,15 +462,13 @@ class Decoded(ImageReward):
         if not torch.is_tensor(x) or x.ndim != 4 or x.shape[1] != self.channels:
             got = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise ValueError(f"latents must have shape (batch, {self.channels}, h, w) for this VAE, got {got}")
-        p = next(self.vae.parameters())
-        if p.device != x.device:
+        if next(self.vae.parameters()).device != x.device:
             self.vae.to(x.device)
-        z = x / self.scaling_factor + self.shift_factor          # undo the pipeline's (z − μ) · s
-        img = self.vae.decode(z.to(p.dtype), return_dict=False)[0]
+        img = decode_latents(self.vae, x, self.scaling_factor, self.shift_factor)
         want = (x.shape[0], 3, x.shape[2] * self.factor, x.shape[3] * self.factor)
         if tuple(img.shape) != want:
             raise ValueError(f"the VAE decoded latents {tuple(x.shape)} to pixels {tuple(img.shape)}, expected {want}")
-        return (img.to(x.dtype) / 2 + 0.5).clamp(0, 1)           # [-1, 1] -> [0, 1], as the pipelines
+        return img
 
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         return _check_output(self.reward(self.decode(x), cond), x.shape[0], repr(self.reward)).to(x.dtype)

@@ -229,15 +229,12 @@ def make_objective(run: RunConfig, reward):
 # --- validation samples ----------------------------------------------------------------------------
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Pixels (b, 3, H, W) in [0, 1] of latents (b, C, h, w), as the pipelines decode:
-    D(x / scaling_factor + shift_factor) / 2 + 1/2, clamped."""
-    vae = pipe.vae
-    cfg = vae.config
-    p = next(vae.parameters())
-    z = latents.to(p.device) / cfg.get("scaling_factor", 1.0) + (cfg.get("shift_factor", None) or 0.0)
+    """Pixels (b, 3, H, W) in [0, 1] on the CPU of latents (b, C, h, w), as the pipelines decode
+    (image_rewards.decode_latents)."""
+    from .image_rewards import decode_latents
     with torch.no_grad():
-        img = vae.decode(z.to(p.dtype), return_dict=False)[0]
-    return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
+        img = decode_latents(pipe.vae, latents.float().to(next(pipe.vae.parameters()).device))
+    return img.cpu()
 
 
 def write_grid(path: Path, images: torch.Tensor, rows: int) -> None:
@@ -325,8 +322,7 @@ def run_finetune(run: RunConfig, ft: dict, progress: bool = True):
     neg = None if not guided else [run.negative_prompt or ""] * len(run.prompts)
     # the text encoders stay where the pipeline loaded them; only the embeddings move to `device`
     to = lambda c: {k: v.to(device) if torch.is_tensor(v) else v for k, v in c.items()}  # noqa: E731
-    cond = to(da.encode_prompts(pipe, run.prompts, negative_prompts=neg, guidance=guided))
-    cond["prompt"] = list(run.prompts)           # image rewards read the text from cond
+    cond = to(da.encode_prompts(pipe, run.prompts, negative_prompts=neg, guidance=guided))  # with "prompt" for image rewards
     val_prompts = run.validation_prompts or run.prompts[:4]
     vneg = None if not guided else [run.negative_prompt or ""] * len(val_prompts)
     vcond = to(da.encode_prompts(pipe, val_prompts, negative_prompts=vneg, guidance=guided))

@@ -359,7 +359,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     amp = _autocast(cfg.mixed_precision, device)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
-    backward = None if scaler is None else (lambda loss: scaler.scale(loss).backward())
+    backward = torch.Tensor.backward if scaler is None else (lambda loss: scaler.scale(loss).backward())
 
     # Stage 1 of the objective (e.g. the CVaR threshold) on an offline batch of base samples,
     # drawn shard by shard and gathered, so every process solves it on the same n_offline samples.
@@ -489,7 +489,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                 with amp():
                     loss, kl = solver.loss(ft, base, batch, cfg.n_loss_times, gen, cond)
                 x1, g_val = batch.x1, batch.r
-                (loss / cfg.grad_accum).backward() if backward is None else backward(loss / cfg.grad_accum)
+                backward(loss / cfg.grad_accum)
                 loss = float(loss.detach())
             t_roll, t_adj = t_roll + (tb - ta), t_adj + (tc - tb)
             losses.append(loss)

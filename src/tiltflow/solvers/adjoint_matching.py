@@ -25,6 +25,8 @@ App. G: the late steps carry most of the reward signal).
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -139,7 +141,7 @@ def adjoint_matching_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torc
 
 def backward_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torch.Tensor, idx: torch.Tensor,
                   weights: torch.Tensor, chunk: int | None = None, scale: float = 1.0,
-                  backward: Callable | None = None, autocast=None):
+                  backward: Callable = torch.Tensor.backward, autocast: Callable = contextlib.nullcontext):
     """Backpropagate scale · L (adjoint_matching_loss) in chunks of `chunk` loss times; returns (L, kl) floats.
 
     L is a mean over the k·B (time, trajectory) pairs, so with chunks S_c of k_c times
@@ -154,13 +156,9 @@ def backward_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torch.Tensor
     total, kl = 0.0, 0.0
     for s in range(0, k, chunk):
         sl = slice(s, min(s + chunk, k))
-        if autocast is None:
+        with autocast():
             loss_c, kl_c = adjoint_matching_loss(ft, base, ro, adj, idx[sl], weights[sl])
-        else:
-            with autocast():
-                loss_c, kl_c = adjoint_matching_loss(ft, base, ro, adj, idx[sl], weights[sl])
-        part = loss_c * (scale * (sl.stop - sl.start) / k)
-        (part.backward if backward is None else lambda: backward(part))()
+        backward(loss_c * (scale * (sl.stop - sl.start) / k))
         total += float(loss_c.detach()) * (sl.stop - sl.start) / k
         kl += kl_c
     return total, kl
