@@ -113,7 +113,9 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32():
 
 
 def test_fp16_runs_with_a_grad_scaler_and_resumes(tmp_path):
-    """fp16 adds loss scaling: finite losses, the scale logged, and resume restores the scale."""
+    """fp16 adds loss scaling: finite losses, the scale logged, and resume restores the scale: the
+    scale starts at 2¹⁶ and halves on each overflow (seen: 32768, 16384, 8192, 8192), so a resumed
+    run that started a fresh scaler would log 32768 at iteration 3, not the uninterrupted run's value."""
     base = _mlp_base()
     kw = dict(lam=0.5, batch_size=8, steps=6, init="copy", mixed_precision="fp16", progress=False,
               checkpoint_every=1, out=tmp_path / "run")
@@ -123,6 +125,11 @@ def test_fp16_runs_with_a_grad_scaler_and_resumes(tmp_path):
     more = []
     tilt.finetune(base, _reward, iters=3, resume=True, callback=lambda i, r: more.append(r), **kw)
     assert [r["iter"] for r in more] == [3]
+    full = []
+    tilt.finetune(base, _reward, iters=3, callback=lambda i, r: full.append(r),
+                  **{**kw, "out": tmp_path / "full"})
+    assert len({r["grad_scale"] for r in full}) > 1          # the scale moved, so the check below can fail
+    assert more[0]["grad_scale"] == full[2]["grad_scale"]
     with pytest.raises(ValueError, match="mixed_precision must be"):
         tilt.finetune(base, _reward, iters=1, mixed_precision="fp8", progress=False)
     with pytest.raises(ValueError, match="loss_chunk must be"):
