@@ -11,8 +11,9 @@ the same model, interleaved repeat by repeat so that load on the shared machine 
       (integrators.memoryless_solve), then −mean r(X_1) backward through all 100 steps,
       gradient clipping and an Adam step;  split into "rollout with graph" and "backward + step".
   (b) one AM iteration, the calls of methods/finetune.py's loop timed directly:
-      rollout (no grad, am.rollout) | terminal + lean adjoint (100 VJPs of the base) |
-      loss times + adjoint_matching_loss + backward + clipping + Adam step;
+      rollout (no grad, am.rollout) | terminal + loss times + lean adjoint (100 VJPs of the base,
+      which hand over the base velocity at the loss times) | adjoint_matching_loss (the fine-tuned
+      forward only) + backward + clipping + Adam step;
       for n_loss_times = None (all 99 interior times) and 25.
 
 The headline is time(b) / time(a) (target ≤ 3), as the median over repeats of the per-repeat
@@ -99,11 +100,11 @@ def time_am(ft, base, reward, grid, gen, opt, params, cfg, n_loss_times) -> dict
     ro = am.rollout(ft, cfg.batch_size, grid, gen)
     t1 = time.perf_counter()
     a1, _ = am.terminal_adjoint(reward, ro.xs[-1], cfg.lam)
-    adj = am.lean_adjoint(base, ro, a1)
-    t2 = time.perf_counter()
     idx, w = am.loss_times(cfg.steps, n_loss_times, gen)
+    adj, v_base = am.lean_adjoint(base, ro, a1, idx=idx)
+    t2 = time.perf_counter()
     ft.train()
-    loss, _ = am.adjoint_matching_loss(ft, base, ro, adj, idx, w)
+    loss, _ = am.adjoint_matching_loss(ft, base, ro, adj, idx, w, v_base)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     _step(opt, params, cfg.grad_clip)

@@ -13,6 +13,14 @@ known, ESS fraction, and training wall time. GMM-40 also reports how many of the
 least 20 of the 4000 samples (exact sampling: ~100 each); many-well the fraction of x_{2j} > 0
 (exact: 0.84, the ½x tilt).
 
+Instances (tasks/energies.py): GMM-40 is FAB's and DEM's (fab-torch GMM after torch.manual_seed(0),
+std softplus(1)); LJ-13 is the plain potential of DEM / Adjoint Sampling with the harmonic term and no
+short-range floor (forces clipped at norm 100 in the sampler, as Adjoint Sampling's max_grad_E_norm),
+so rare overlapping pairs give energies of 10⁶ and more: the energy W1/W2 of a poor sampler are
+dominated by them. Metric conventions differ in the literature's code: DEM logs energy_w2 =
+ot.emd2_1d(E_ref, E_gen), the *squared* W2 of the energy histograms; adjoint_samplers takes its
+square root (as here).
+
 Figure results/energies.png: GMM-40 samples over exact ones; for the others the energy histograms
 of sampler and reference (particles: EGNN and MLP), and the interatomic-distance histograms of
 DW-4 and LJ-13. Writes results/energies.json.

@@ -13,8 +13,10 @@ the base (and mean-variance also with W2² optimal transport):
 Inner Adjoint Matching runs: residual MLP (64, 64) on the exact base, 200 iterations, batch
 256, 20 memoryless steps, lr 2e-3. Reported per run: the utility value F, KL(p‖p_base) by
 log-likelihoods (300 samples) and F − λ·D at every outer iteration k = 0..K on the same 2000
-ODE samples' noise, whether F increased at every k (up to Monte Carlo slack), and the wall
-time per outer iteration (inner run + evaluation), one thread.
+ODE samples' noise, whether F and F − λ·D increased at every k (up to Monte Carlo slack; a
+step that lowers F − λ·D by more than fdc's tol is retried at half the step, then rejected),
+the base-network calls per reward-gradient evaluation and per outer iteration (the cost must
+not grow with k), and the wall time per outer iteration (inner run + evaluation), one thread.
 
 Writes results/fdc_utilities.json (the table) and results/fdc_<run>.png (base vs FDC result
 per run, with the reward's contours where there is one).
@@ -37,9 +39,37 @@ import _common  # noqa: E402
 
 import tiltflow as tilt  # noqa: E402
 from tiltflow import plots  # noqa: E402
+from tiltflow.methods import fdc as fdc_module  # noqa: E402
 from tiltflow.metrics import cvar  # noqa: E402
+from tiltflow.models import analytic  # noqa: E402
 
 NAME = "fdc_utilities"
+
+# Base-network calls: the exact base's forward is counted, whether called as p_pre or inside a
+# fine-tuned model (base + residual); per reward gradient by wrapping fdc's pseudo-reward.
+CALLS, REWARD_CALLS = [0], []
+_forward = analytic.GaussianMixtureVelocity.forward
+
+
+def _counting_forward(self, *args, **kwargs):
+    CALLS[0] += 1
+    return _forward(self, *args, **kwargs)
+
+
+class _Counted(fdc_module._Fixed):
+    def pseudo_reward(self, x_offline, lam, cond=None):
+        g = super().pseudo_reward(x_offline, lam, cond)
+
+        def counted(x, cond=None):
+            c0 = CALLS[0]
+            out = g(x, cond)
+            REWARD_CALLS.append(CALLS[0] - c0)
+            return out
+        return counted
+
+
+analytic.GaussianMixtureVelocity.forward = _counting_forward
+fdc_module._Fixed = _Counted
 
 
 def base_model():
@@ -80,17 +110,36 @@ def main(argv=None):
         if args.quick:
             K = min(K, 2)
         t0 = time.perf_counter()
-        logs = []
-        ft = tilt.fdc(base, utility, divergence, lam=lam, iters_outer=K, step=step, progress=False, n_eval=2000,
-                      n_kl=300, callback=lambda k, r: logs.append(r), **inner)
+        logs, mark = [], [CALLS[0], 0]
+
+        def callback(k, rec):
+            rec["base_calls"] = CALLS[0] - mark[0]          # inner run(s) + evaluation of this outer step
+            per = REWARD_CALLS[mark[1]:]
+            rec["base_calls_per_reward_gradient"] = sum(per) / len(per) if per else 0
+            mark[:] = [CALLS[0], len(REWARD_CALLS)]
+            logs.append(rec)
+
+        try:
+            ft = tilt.fdc(base, utility, divergence, lam=lam, iters_outer=K, step=step, progress=False, n_eval=2000,
+                          n_kl=300, callback=callback, **inner)
+        except FloatingPointError as e:   # recorded, not hidden: the table says which run broke and where
+            table[name] = {"utility": repr(utility), "divergence": repr(divergence), "lam": lam, "K": K,
+                           "error": str(e), "per_outer": logs}
+            print(f"{name}: FAILED after {len(logs) - 1} outer steps: {e}", flush=True)
+            continue
         total = time.perf_counter() - t0
         F = [r["utility"] for r in logs]
+        J = [r["objective"] for r in logs]
         slack = 0.02 * (abs(F[-1] - F[0]) + 1e-3) + 0.01
         entry = {"utility": repr(utility), "divergence": repr(divergence), "lam": lam, "K": K,
                  "gamma": logs[-1]["gamma"], "per_outer": logs,
                  "utility_base": F[0], "utility_final": F[-1], "kl_final": logs[-1]["kl"],
                  "divergence_final": logs[-1]["divergence"], "objective_final": logs[-1]["objective"],
                  "utility_increasing": all(b > a - slack for a, b in zip(F, F[1:])),
+                 "objective_per_outer": J, "objective_increasing": all(b > a - 0.02 for a, b in zip(J, J[1:])),
+                 "rejected_steps": sum(not r.get("accepted", True) for r in logs),
+                 "base_calls_per_reward_gradient": [r["base_calls_per_reward_gradient"] for r in logs[1:]],
+                 "base_calls_per_outer": [r["base_calls"] for r in logs[1:]],
                  "time_per_outer_s": sum(r["time_inner"] + r["time_eval"] for r in logs[1:]) / K,
                  "time_total_s": total}
         x_ft = ft.sample(2000, steps=50, seed=7)
@@ -105,9 +154,12 @@ def main(argv=None):
         plots.plot_samples(_common.RESULTS / f"fdc_{name}.png", {"base": x_base, f"FDC, K = {K}": x_ft},
                            title=f"{utility!r} − {lam:g}·{divergence!r}", density=density)
         rows.append([name, K, F[0], F[-1], logs[-1]["kl"], logs[-1]["objective"], entry["utility_increasing"],
-                     entry["time_per_outer_s"]])
-        print(f"{name}: done in {total:.0f} s", flush=True)
-    _common.print_table(rows, ["run", "K", "F base", "F final", "KL", "F − λD", "F up", "s/outer"])
+                     entry["objective_increasing"], entry["base_calls_per_reward_gradient"], entry["time_per_outer_s"]])
+        print(f"{name}: done in {total:.0f} s; F − λD per k {[round(j, 3) for j in J]}; rejected "
+              f"{entry['rejected_steps']}; base calls per ∇g per k {entry['base_calls_per_reward_gradient']}",
+              flush=True)
+    _common.print_table(rows, ["run", "K", "F base", "F final", "KL", "F − λD", "F up", "F − λD up",
+                               "calls/∇g per k", "s/outer"])
     if "cvar_left" in table:
         c = table["cvar_left"]
         print(f"left CVaR_0.1 of r: FDC {c['fdc_cvar_left_10']:.3f}, one-shot TFFT {c['tfft_one_shot']['cvar_left_10']:.3f}")

@@ -5,8 +5,9 @@ A small random SD3Transformer2DModel (latents 4×32×32, patch 2 → 256 image t
 layers, width 64; 8 text tokens) wrapped by models.diffusers_adapter, with a rank-8 LoRA as the
 trainable part (what finetune(..., lora_rank=8) trains), reward r(x) = 100 · mean latent value.
 One iteration = for each of grad_accum micro-batches of the global batch B = 8:
-rollout (8 memoryless-SDE steps, no graph) | lean adjoint (terminal ∇r, then 8 VJPs of the base) |
-loss (7 interior loss times: the fine-tuned and base forward on 7·micro rows, backward), then one
+rollout (8 memoryless-SDE steps, no graph) | lean adjoint (terminal ∇r, then 8 VJPs of the base, which
+hand over the base velocity at the loss times) | loss (7 interior loss times: the fine-tuned forward on
+7·micro rows, backward), then one
 Adam step on the LoRA. The phases are the functions finetune runs (solvers/adjoint_matching.py:
 rollout, terminal_adjoint, lean_adjoint, loss_times, backward_loss), called here directly so each
 can be timed and measured.
@@ -138,14 +139,14 @@ def iteration(ft, base, opt, cond, batch, accum, steps, chunk, mem: LiveBytes | 
         t1 = time.perf_counter()
         mem and mem.set_phase("adjoint")
         a1, _ = am.terminal_adjoint(reward, ro.xs[-1], 1.0, cond)
-        adj = am.lean_adjoint(base, ro, a1)
+        idx, w = am.loss_times(steps, None, gen)
+        adj, v_base = am.lean_adjoint(base, ro, a1, idx=idx)
         t2 = time.perf_counter()
         mem and mem.set_phase("loss")
-        idx, w = am.loss_times(steps, None, gen)
         ft.train()
-        am.backward_loss(ft, base, ro, adj, idx, w, chunk, 1.0 / accum)
+        am.backward_loss(ft, base, ro, adj, idx, w, chunk, 1.0 / accum, v_base=v_base)
         t3 = time.perf_counter()
-        del ro, adj, a1
+        del ro, adj, a1, v_base
         times["rollout"] += t1 - t0
         times["adjoint"] += t2 - t1
         times["loss"] += t3 - t2

@@ -166,9 +166,9 @@ def test_sample_energy_writes_a_resumable_run_with_samples_and_metrics(tmp_path,
     if _has_matplotlib():
         assert (out / "samples.png").is_file()
     capsys.readouterr()
-    assert cli.main(["sample-energy", "--energy", "lj55", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert cli.main(["sample-energy", "--energy", "lj56", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "lj55" in err and err.strip().count("\n") == 0
+    assert "lj56" in err and err.strip().count("\n") == 0
     args = cli.build_parser().parse_args(["sample-energy", "--energy", "dw4", "--lr", "0.01"])
     assert args.lr == 0.01 and args.epochs is None   # unset flags fall back to the energy's presets
 

@@ -22,6 +22,7 @@ from tiltflow import integrators  # noqa: E402
 from tiltflow.models import diffusers_adapter as da  # noqa: E402
 from tiltflow.models.flow_model import FlowModel  # noqa: E402
 from tiltflow.paths import DiscreteVP  # noqa: E402
+from tiltflow.solvers import adjoint_matching as am  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -278,9 +279,10 @@ def test_lora_zero_init_trainable_and_save_load(tmp_path):
 
 @pytest.mark.parametrize("family", ["sd3", "unet"])
 def test_finetune_lora_raises_brightness(family, tmp_path):
-    """A few Adjoint Matching steps on r(x) = mean latent value move samples toward higher r."""
+    """A few Adjoint Matching steps on r(x) = mean latent value move samples toward higher r.
+    SD3 with SD3's shift 3: rollouts, training and sampling on the scheduler's shifted grid."""
     if family == "sd3":
-        base = da.from_diffusers(_FakePipe(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler()),
+        base = da.from_diffusers(_FakePipe(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)),
                                  gradient_checkpointing=True)
         cond = sd3_cond(1)
     else:
@@ -306,7 +308,7 @@ def test_finetune_lora_raises_brightness(family, tmp_path):
     # the run folder's model and the LoRA alone (loaded onto a fresh base) give the same samples
     x1 = ft.sample(2, steps=4, cond=cond, seed=7, sde=True)
     torch.testing.assert_close(FlowModel.load(tmp_path / "run" / "model.safetensors").sample(2, steps=4, cond=cond, seed=7, sde=True), x1)
-    fresh = da.from_diffusers(_FakePipe(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler())) \
+    fresh = da.from_diffusers(_FakePipe(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))) \
         if family == "sd3" else da.from_diffusers(_FakePipe(unet=tiny_unet(), scheduler=sd15_scheduler()))
     da.load_lora(fresh, da.save_lora(ft, tmp_path / "lora.safetensors"))
     torch.testing.assert_close(fresh.sample(2, steps=4, cond=cond, seed=7, sde=True), x1)
@@ -366,10 +368,12 @@ def test_finetune_prompts_cycle_pooled_stage1_and_resume(tmp_path):
               prompts=prompts, progress=False, checkpoint_every=2, seed=3)
     full = tilt.finetune(base, tilt.CVaR(_prompt_reward(calls), level=0.5, tail="left"), iters=4,
                          out=tmp_path / "a", callback=lambda it, rec: picks.append(rec["prompts"]), **kw)
-    # stage 1: one pooled call, 2 offline samples per prompt, one per micro-batch stream, in
-    # (stream, prompt) order
-    pooled, text = calls[0]
-    assert pooled.shape == (6, 16) and text == ["p0", "p1", "p2"] * 2     # extra keys ride along
+    # stage 1: 2 offline samples per prompt, one per micro-batch stream, in (stream, prompt) order,
+    # drawn and rewarded a micro-batch (here 1 row) at a time: 6 calls of one row each
+    assert all(c.shape == (1, 16) for c, _ in calls[:6])
+    pooled = torch.cat([c for c, _ in calls[:6]])
+    text = [t for _, ts in calls[:6] for t in ts]
+    assert text == ["p0", "p1", "p2"] * 2     # extra keys ride along
     for shard in range(2):
         for p in range(3):
             assert torch.equal(pooled[3 * shard + p], prompts["pooled_projections"][p])
@@ -378,7 +382,7 @@ def test_finetune_prompts_cycle_pooled_stage1_and_resume(tmp_path):
     # every micro-batch uses one prompt, each epoch of 3 is a permutation, stream is (seed, epoch)-shuffled
     flat = [p for rec in picks for p in rec]
     assert len(flat) == 8 and sorted(flat[:3]) == [0, 1, 2] and sorted(flat[3:6]) == [0, 1, 2]
-    train_calls = calls[1:]
+    train_calls = calls[6:]
     assert all(c.shape == (1, 16) for c, _ in train_calls[:2])       # the micro-batch's own prompt
     assert torch.equal(train_calls[0][0][0], prompts["pooled_projections"][flat[0]])
     assert train_calls[0][1] == [f"p{flat[0]}"]
@@ -470,3 +474,223 @@ def test_finetune_prompts_and_lora_bad_inputs(sd3):
 def _mlp_base():
     from tiltflow.models.mlp import MLPVelocity
     return FlowModel(MLPVelocity(2, (8,)), "rectified", (2,))
+
+
+# --- SD scale: one copy of the network, float32 LoRA, text encoders, grid, targets, SDXL -------------
+
+def tiny_sd3_2(seed=0):
+    """Two blocks: the last one is context_pre_only (no to_add_out), the first has every projection."""
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                 caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
+
+
+def _brightness(x, cond=None):
+    return x.mean(dim=(1, 2, 3)) * 100.0
+
+
+def _storages(*models, lora=False):
+    """Distinct storages {data_ptr: bytes} of the (non-)LoRA parameters of the models."""
+    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+            for m in models for n, p in m.named_parameters() if ("lora_" in n) == lora}
+
+
+def test_lora_run_holds_one_copy_of_the_network(monkeypatch):
+    """A LoRA run's base, fine-tuned model and the caller's model hold the network's weights once
+    (the same storages); the base velocity is the caller's exactly after the LoRA has trained,
+    the fine-tuned one differs; the caller's model is left as it was (no LoRA, weights, flags);
+    the rollouts ran on SD3's shifted grid; the default LoRA follows diffusers' SD3 recipe."""
+    model = da.from_diffusers(_FakePipe(transformer=tiny_sd3_2(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    seen = {}
+    lean = am.lean_adjoint
+
+    def spy(base, ro, *a, **k):
+        seen["base"], seen["grid"] = base, ro.grid
+        return lean(base, ro, *a, **k)
+
+    monkeypatch.setattr(am, "lean_adjoint", spy)
+    cond = sd3_cond(1)
+    ft = tilt.finetune(model, _brightness, lam=1.0, iters=3, batch_size=2, steps=4, lr=1e-2, lora_rank=2,
+                       n_offline=2, cond=cond, progress=False, seed=0)
+    base = seen["base"]
+    # one copy: every frozen weight of base and ft is a view of the caller's storage
+    ours = _storages(model)
+    assert _storages(model, base, ft) == ours and len(ours) == len(list(model.parameters()))
+    assert sum(_storages(model, base, ft, lora=True).values()) < 0.2 * sum(ours.values())   # the LoRA is small
+    # the base velocity is the network without the LoRA, the fine-tuned one has it
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        v_model, v_base, v_ft = (m.velocity(x, t, cond) for m in (model, base, ft))
+    assert torch.equal(v_base, v_model)
+    assert (v_ft - v_model).abs().max() > 1e-4                     # the LoRA trained (B left 0)
+    # the caller's model is untouched
+    assert model.net.lora is None and not any("lora_" in n for n in model.state_dict())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    # rollouts on the scheduler's grid; SD3's default LoRA targets
+    torch.testing.assert_close(seen["grid"], model.net.scheduler_grid(4), rtol=0, atol=0)
+    assert ft.net.lora["target_modules"] == list(da.SD3_TARGETS)
+
+
+def _fp16_cpu_ok() -> bool:
+    try:
+        return bool(torch.isfinite(torch.ones(2, 2, dtype=torch.float16) @ torch.ones(2, 2, dtype=torch.float16)).all())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.parametrize("dtype, mp", [(torch.bfloat16, "no"), (torch.bfloat16, "bf16"),
+                                       pytest.param(torch.float16, "fp16", marks=pytest.mark.skipif(
+                                           not _fp16_cpu_ok(), reason="no fp16 matmul on this CPU"))])
+def test_lora_is_float32_over_a_low_precision_base(dtype, mp):
+    """Over a bf16/fp16 frozen network the LoRA weights are float32 and finite after Adam steps
+    (fp16 + mixed_precision="fp16": a GradScaler unscales float32 gradients; fp16 LoRA weights
+    would stop it with "Attempting to unscale FP16 gradients"), they moved (B starts at 0), and
+    the base weights kept their values and dtype."""
+    model = da.from_diffusers(_FakePipe(transformer=tiny_sd3(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)),
+                              dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recs = []
+    ft = tilt.finetune(model, _brightness, lam=1.0, iters=4, batch_size=2, steps=3, lr=1e-2, lora_rank=2,
+                       n_offline=2, cond=sd3_cond(1), mixed_precision=mp, progress=False, seed=0,
+                       callback=lambda i, r: recs.append(r))
+    lora = {n: p for n, p in ft.named_parameters() if "lora_" in n}
+    assert lora and all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in lora.values())
+    assert any("lora_B" in n and p.abs().max() > 0 for n, p in lora.items())
+    assert all(p.dtype == dtype for n, p in ft.named_parameters() if "lora_" not in n)
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert ft.net.config()["dtype"] == str(dtype).replace("torch.", "")     # the network's, not the LoRA's
+    with torch.no_grad():
+        assert torch.isfinite(ft.sample(2, steps=3, cond=sd3_cond(1), seed=1)).all()
+
+
+def test_text_encoders_leave_the_device_while_finetune_trains(tmp_path):
+    """finetune encodes its string cond, then moves the pipeline's text encoders to the CPU for the
+    run (a `.to('cpu')` call and `released` seen from the callback, i.e. mid-training), still
+    encodes a new prompt on demand (equal to the pipeline's own encoding, and released again
+    after), and moves them back when it returns."""
+    pipe = tiny_sd3_pipeline(tmp_path)
+    model = da.from_diffusers(pipe)
+    pe = model.net.prompt_encoder
+    moves = []
+    for name in ("text_encoder", "text_encoder_2"):
+        enc = getattr(pipe, name)
+        orig = enc.to
+
+        def to(*a, _orig=orig, _name=name, **k):
+            moves.append((_name, str(a[0]) if a else str(k.get("device"))))
+            return _orig(*a, **k)
+        enc.to = to
+    mid = {}
+
+    def callback(it, rec, m):
+        if it == 1:
+            mid["released"] = m.net.prompt_encoder.released
+            mid["devices"] = {str(p.device) for p in pipe.text_encoder_2.parameters()}
+            with torch.no_grad():   # a prompt not cached yet, encoded on demand
+                mid["v"] = m.velocity(torch.zeros(1, 4, 8, 8), 0.5, "a new prompt")
+                mid["v_ref"] = m.velocity(torch.zeros(1, 4, 8, 8), 0.5, da.encode_prompts(pipe, ["a new prompt"]))
+            mid["still"] = m.net.prompt_encoder.released
+
+    tilt.finetune(model, _brightness, lam=1.0, iters=2, batch_size=2, steps=3, lr=1e-2, lora_rank=2, n_offline=2,
+                  cond="a red bicycle", progress=False, callback=callback)
+    assert mid["released"] and mid["devices"] == {"cpu"} and mid["still"]
+    assert ("text_encoder", "cpu") in moves and ("text_encoder_2", "cpu") in moves
+    torch.testing.assert_close(mid["v"], mid["v_ref"])
+    assert not pe.released                       # back where they were once finetune returned
+    assert ("a red bicycle", False) in pe._rows and ("a new prompt", False) in pe._rows
+
+
+def test_sd3_samples_on_the_scheduler_grid_and_2d_models_on_the_uniform_one(sd3):
+    """SD3's default grid is FlowMatchEulerDiscreteScheduler(shift=3).set_timesteps(n)'s σ grid
+    (t = 1 − σ, float32 rounding); sample() integrates on it (= the Euler ODE on that grid, ≠ the
+    uniform grid), grid="uniform" asks for the uniform one; networks without a grid of their own
+    (the 2-D MLP, the U-Net adapter) keep the uniform grid."""
+    tr, sched = sd3
+    fm = da.from_diffusers(_FakePipe(transformer=tr, scheduler=sched))
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(8)
+    torch.testing.assert_close(fm.time_grid(8), 1.0 - ref.sigmas.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fm.time_grid(8), fm.net.scheduler_grid(8), rtol=0, atol=0)
+    assert fm.time_grid(8)[1] < 0.5 / 8                              # small steps at the noise end
+    cond = sd3_cond(1)
+    x = fm.sample(2, steps=8, cond=cond, seed=0, method="euler")
+    x0 = fm.prior(2, torch.Generator().manual_seed(0))
+    ode = integrators.ode_solve(lambda y, t: fm.velocity(y, t, cond), x0, fm.net.scheduler_grid(8), "euler")
+    torch.testing.assert_close(x, ode, rtol=0, atol=0)
+    xu = fm.sample(2, steps=8, cond=cond, seed=0, method="euler", grid="uniform")
+    assert (xu - x).abs().max() > 1e-3
+    traj, grid = fm.sample(2, steps=8, cond=cond, seed=0, sde=True, return_trajectory=True)
+    assert torch.equal(grid, fm.net.scheduler_grid(8)) and torch.isfinite(traj).all()
+    unet = da.from_diffusers(_FakePipe(unet=tiny_unet(), scheduler=sd15_scheduler()))
+    assert torch.equal(unet.time_grid(8), integrators.time_grid(8))
+    assert torch.equal(_mlp_base().time_grid(8), integrators.time_grid(8))
+    with pytest.raises(ValueError, match="grid must be"):
+        fm.sample(2, steps=2, cond=cond, grid="shifted")
+    with pytest.raises(ValueError, match="grid must be"):
+        tilt.finetune(fm, _brightness, iters=1, cond=cond, grid="scheduler", progress=False)
+
+
+def test_memoryless_sde_and_lean_adjoint_converge_on_the_shifted_grid():
+    """On SD3's shift-3 grid (first step from t = 0, where σ(t) = ∞, to t₁ < 0.02) the memoryless
+    SDE of the exact velocity of N(m, s²) keeps the path's marginals N(t m, t² s² + (1 − t)²) — the
+    first step to Monte Carlo error — and the lean adjoint of r(x) = c x matches its closed form
+    ã(t) = −(c/λ) ∂E[X₁ | X_t]/∂x = −(c/λ) t s² / (t² s² + (1 − t)²), both with a first-order
+    error: doubling the steps halves the end variance's error and the adjoint's (seen 0.30 → 0.16
+    and 0.32 → 0.16; ratio ≤ 0.6 asked)."""
+    from tiltflow.models.analytic import GaussianMixtureVelocity
+    net = da.SD3Velocity(tiny_sd3(), 1000, 3.0)
+    m, s, c_lam = 1.0, 0.5, 2.0
+    base = FlowModel(GaussianMixtureVelocity([1.0], [[m]], [[[s**2]]]), shape=(1,))
+    errs = {}
+    for steps in (20, 40):
+        grid = net.scheduler_grid(steps)
+        assert grid[0] == 0.0 and grid[1] < 0.02
+        ro = am.rollout(base, 20000, grid, torch.Generator().manual_seed(0))
+        t = grid.double()
+        var = t**2 * s**2 + (1 - t) ** 2
+        xs = ro.xs[:, :, 0].double()
+        # 20000 draws: the mean's standard error is 0.007 sd, the variance's 1 %
+        assert ((xs.mean(1) - t * m).abs() / var.sqrt()).max() < 0.05
+        assert abs(float(xs[1].var() / var[1]) - 1) < 0.05
+        adj = am.lean_adjoint(base, am.Rollout(ro.xs[:, :2], grid), torch.full((2, 1), -c_lam))
+        exact = -c_lam * t * s**2 / var
+        err = (adj[:, 0, 0].double() - exact).abs()
+        assert err[:2].max() < 0.01 * c_lam                            # t = 0 and the first step
+        errs[steps] = (abs(float(xs[-1].var()) / s**2 - 1), float(err.max()))
+    assert errs[40][0] < 0.6 * errs[20][0] and errs[40][1] < 0.6 * errs[20][1], errs
+
+
+def test_default_lora_targets_follow_diffusers_recipes():
+    """SD3: diffusers' train_dreambooth_lora_sd3.py targets, both streams of the joint attention
+    (to_q/k/v, to_out.0 and the text stream's add_q/k/v_proj, to_add_out); the U-Net keeps
+    to_q/k/v, to_out.0. The LoRA is float32 over a bf16 network."""
+    fm = da.add_lora(da.from_diffusers(_FakePipe(transformer=tiny_sd3_2(), scheduler=FlowMatchEulerDiscreteScheduler()),
+                                       dtype="bfloat16"), rank=2)
+    wrapped = {n.split(".lora_A")[0] for n, _ in fm.named_parameters() if ".lora_A" in n}
+    for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_q", "to_k", "to_v", "to_out.0"):
+        assert f"net.model.transformer_blocks.0.attn.{name}" in wrapped, name
+    assert not any("ff" in n or "norm" in n for n in wrapped)
+    assert all(p.dtype == torch.float32 for n, p in fm.named_parameters() if "lora_" in n)
+    unet = da.add_lora(da.from_diffusers(_FakePipe(unet=tiny_unet(), scheduler=sd15_scheduler())), rank=2)
+    wrapped = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in unet.named_parameters() if ".lora_A" in n}
+    assert wrapped == {"to_q", "to_k", "to_v", "0"}
+
+
+def test_sdxl_unet_is_refused_at_load():
+    """An SDXL-family U-Net (addition_embed_type "text_time": its forward needs text_embeds and
+    time_ids) fails at its first forward without them, so from_diffusers refuses it up front."""
+    torch.manual_seed(0)
+    sdxl = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+                                attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=16 + 6 * 4)
+    with pytest.raises(ValueError):   # what the check guards against
+        sdxl(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 5, 16), added_cond_kwargs={})
+    with pytest.raises(ValueError, match="SDXL.*not supported.*SD1.5/SD2"):
+        da.from_diffusers(_FakePipe(unet=sdxl, scheduler=sd15_scheduler()))

@@ -55,9 +55,105 @@ def test_pair_energy_minima_and_mean_free_projection():
     assert float(r[lj(y).argmin()]) == pytest.approx(1.0, abs=1e-3)
     p = get_energy("lj13").project(torch.randn(5, 39))
     assert p.reshape(5, 13, 3).mean(1).abs().max() < 1e-6
+    lj55 = get_energy("lj55")
+    assert (lj55.dim, lj55.name) == (165, "lj55")
     with pytest.raises(ValueError, match="energy must be one of"):
-        get_energy("lj55")
+        get_energy("lj38")
 
+
+
+def test_gmm40_is_the_fab_dem_instance():
+    """GMM-40 is fab-torch's GMM(dim=2, n_mixes=40, loc_scaling=40, log_var_scaling=1) after
+    torch.manual_seed(0), as DEM builds it: the recipe is recomputed here on the global stream (in a
+    fork_rng) and must match bit for bit; std = softplus(1); E = −log p of FAB's MixtureSameFamily
+    (float64, 1e-9: rounding); building the energy leaves the global random stream untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        locs = (torch.rand((40, 2)) - 0.5) * 2 * 40          # fab.target_distributions.gmm.GMM
+        state = torch.random.get_rng_state()
+        E = get_energy("gmm40")
+        assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(E.means.float(), locs)
+    assert E.means.abs().max() < 40 and len(E.means) == 40
+    scale = torch.nn.functional.softplus(torch.tensor(1.0, dtype=torch.float64))
+    assert E.std == pytest.approx(float(scale), rel=1e-12)          # 1.3133
+    fab = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.ones(40, dtype=torch.float64)),
+        torch.distributions.MultivariateNormal(locs.double(), scale_tril=torch.diag_embed(scale * torch.ones(40, 2,
+                                                                                         dtype=torch.float64))))
+    x = 50 * torch.rand(100, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 25
+    torch.testing.assert_close(E(x), -fab.log_prob(x), rtol=0, atol=1e-9)
+
+
+def test_lennard_jones_is_the_plain_potential_with_no_floor():
+    """A pair at distance d (ordered pairs, ε = r_m = 1): E = 2(d⁻¹² − 2d⁻⁶) and |∂E/∂d| = 24(d⁻¹³ − d⁻⁷),
+    checked at short range too (float64, rel 1e-10: rounding): E(½) = 7936, E(¼) = 33 538 048, the
+    force keeps growing as d falls (a floor would make it 0 there); LJ-13's harmonic term is
+    ½ Σ ‖x_i − x̄‖²."""
+    lj = LennardJones(n_particles=2, spatial_dim=3, oscillator=0.0)
+    for d in (0.1, 0.25, 0.3, 0.5, 0.9, 1.0, 1.7):
+        x = torch.zeros(1, 6, dtype=torch.float64)
+        x[0, 3] = d
+        x.requires_grad_(True)
+        e = lj(x)
+        (g,) = torch.autograd.grad(e.sum(), x)
+        assert float(e.detach()) == pytest.approx(2 * (d**-12 - 2 * d**-6), rel=1e-10)
+        assert float(g[0, 3]) == pytest.approx(-24 * (d**-13 - d**-7), rel=1e-10, abs=1e-10)
+    e = lambda d: float(lj(torch.tensor([[0, 0, 0, d, 0, 0]], dtype=torch.float64)))
+    assert e(0.5) == pytest.approx(7936) and e(0.25) == pytest.approx(33538048)
+    y = torch.randn(3, 39, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    plain = LennardJones(oscillator=0.0)(y)
+    c = y.reshape(3, 13, 3) - y.reshape(3, 13, 3).mean(1, keepdim=True)
+    torch.testing.assert_close(get_energy("lj13")(y) - plain, 0.5 * c.pow(2).sum((1, 2)))
+
+
+def test_huge_forces_are_clipped_and_non_finite_forces_raise():
+    """energy_grad_clip rescales each row of ∇E to norm ≤ clip, also when its float32 squared norm would
+    overflow (a pair at d = 0.01: |∇E| ≈ 7·10²⁷, kept at norm 100, direction −x̂ for particle 1); 0 or
+    None leaves it alone. Coincident particles (d = 0: NaN force) raise FloatingPointError naming the
+    energy, in _energy_grad and in sample_energy, instead of training on a zeroed force."""
+    from tiltflow.methods.sample_energy import _energy_grad
+    lj = get_energy("lj13")
+    x = 0.3 * torch.arange(39, dtype=torch.float32).reshape(1, 13, 3).repeat(2, 1, 1)   # a line, spacing 1.56
+    x[1, 1] = x[1, 0] + torch.tensor([0.01, 0.0, 0.0])
+    x = x.reshape(2, 39)
+    g, _ = _energy_grad(lj, x, 100.0)
+    assert float(g[1].norm()) == pytest.approx(100.0, rel=1e-5)
+    assert float(g[1, 3] / g[1].norm()) == pytest.approx(-1 / math.sqrt(2), rel=1e-4)  # ∓x̂ on the pair
+    raw, _ = _energy_grad(lj, x, None)
+    assert torch.equal(g[0], raw[0]) and float(raw[0].norm()) < 100        # a small force is not touched
+    assert torch.equal(_energy_grad(lj, x, 0.0)[0], raw) and float(raw[1].abs().max()) > 1e27
+    x = x.reshape(2, 13, 3)
+    x[1, 1] = x[1, 0]
+    with pytest.raises(FloatingPointError, match="energy 'lj13' is NaN or inf at 1 of 2"):
+        _energy_grad(lj, x.reshape(2, 39), 100.0)
+
+    class Broken:
+        name = "broken"
+
+        def __call__(self, y):
+            return torch.sqrt(-(y**2).sum(1) - 1.0)          # NaN everywhere
+
+    with pytest.raises(FloatingPointError, match="energy 'broken'"):
+        sample_energy(Broken(), 2, epochs=1, samples_per_epoch=8, batch_size=8, steps=5, progress=False)
+
+
+def test_grad_clip_zero_means_no_clipping():
+    """grad_clip=0 disables clipping, as in the other loops: the weights after 4 steps equal those of
+    grad_clip=1e9 bit for bit (clip_grad_norm_ multiplies by min(1, max/norm) = 1) and differ from the
+    start (zeroing every gradient, the old behaviour, would leave them at the start)."""
+    E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0)
+    small = dict(prior_scale=4.0, epochs=2, samples_per_epoch=16, batches_per_epoch=2, batch_size=16, steps=5,
+                 hidden=(8,), progress=False)
+    a = sample_energy(E, 2, grad_clip=0.0, **small).model.state_dict()
+    b = sample_energy(E, 2, grad_clip=1e9, **small).model.state_dict()
+    c = sample_energy(E, 2, grad_clip=1e9, **{**small, "epochs": 1, "batches_per_epoch": 1, "lr": 0.0}).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
+    with pytest.raises(ValueError, match="grad_clip must be a non-negative"):
+        sample_energy(E, 2, grad_clip=-1.0)
+    with pytest.raises(ValueError, match="energy_grad_clip must be a non-negative"):
+        sample_energy(E, 2, energy_grad_clip=float("inf"))
 
 def test_sampler_matches_a_four_mode_mixture():
     """Adjoint Sampling + replay buffer, 1500 gradient steps (~8 s). Energy distance of the untrained

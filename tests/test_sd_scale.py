@@ -90,6 +90,66 @@ def test_forward_rows_follow_the_micro_batch_not_the_global_batch():
         assert max(n for n, g in log) == want_grad_rows             # the base's loss targets too
 
 
+def _live_bytes():
+    """benchmarks/sd_cost.py's LiveBytes: peak live bytes of the storages operators create."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "sd_cost.py"
+    spec = importlib.util.spec_from_file_location("_sd_cost", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.LiveBytes
+
+
+def test_stage1_memory_follows_the_micro_batch_not_n_offline():
+    """CVaR stage 1 draws and rewards the offline batch micro-batch by micro-batch and keeps only
+    the rewards: the reward never sees more than micro = 8 rows, and growing n_offline 8× (256 →
+    2048) adds at most 64 bytes per extra sample to the peak live bytes of the whole run (its
+    float64 reward; measured 8), while drawing the 2048 samples in one call, as stage 1 did
+    before, holds ≥ 1 KB per sample (a 256-wide hidden layer in float32; measured 5 MB in all)."""
+    LiveBytes = _live_bytes()
+    base = _mlp_base((256, 256))
+    rows = []
+
+    def reward(x, cond=None):
+        rows.append(x.shape[0])
+        return x[:, 0] - 0.5 * x[:, 1]
+
+    peak = {}
+    for n in (256, 2048):
+        rows.clear()
+        with LiveBytes() as mem:
+            tilt.finetune(base, tilt.CVaR(reward, level=0.1), lam=1.0, iters=1, batch_size=8, steps=4,
+                          n_offline=n, progress=False)
+        peak[n] = mem.peak
+        assert len(rows) > n // 8 and max(rows) <= 8, (n, max(rows))
+    assert peak[2048] - peak[256] <= 64 * (2048 - 256), peak
+    with LiveBytes() as one_call:
+        base.sample(2048, steps=4, sde=True)
+    assert one_call.peak >= 1024 * 2048
+
+
+def test_chunked_stage1_gives_the_threshold_of_the_same_samples_rewarded_at_once():
+    """η* of finetune's chunked stage 1 equals, exactly, η* of the same offline samples (shard 0's
+    stream drawn in chunks of micro = 16 rows, 100 = 6·16 + 4) rewarded in one call by
+    CVaR.pseudo_reward(x) — and pseudo_reward(None, rewards=r) solves the same problem. With
+    n_offline ≤ micro the one chunk is the one sample call of before (same stream, same η*)."""
+    base = _mlp_base()
+    kw = dict(lam=0.7, iters=1, steps=6, progress=False, seed=3)
+    for n, batch in ((100, 16), (12, 16)):
+        obj = tilt.CVaR(_reward, level=0.2, tail="left")
+        tilt.finetune(base, obj, batch_size=batch, n_offline=n, **kw)
+        g = torch.Generator().manual_seed(3)          # shard 0's stream: seed 3
+        x = torch.cat([base.sample(min(batch, n - s), steps=6, sde=True, generator=g) for s in range(0, n, batch)])
+        ref = tilt.CVaR(_reward, level=0.2, tail="left")
+        ref.pseudo_reward(x, 0.7)
+        assert obj.solution.n == n and obj.solution.eta == ref.solution.eta, (n, obj.solution, ref.solution)
+        ref.pseudo_reward(None, 0.7, rewards=_reward(x))
+        assert ref.solution.eta == obj.solution.eta
+    with pytest.raises(ValueError, match="needs x_offline"):
+        tilt.CVaR(_reward, level=0.2).pseudo_reward(None, 1.0)
+
+
 # --- 1b, 1c: gradient checkpointing, mixed precision ----------------------------------------------
 
 def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32():
@@ -140,11 +200,9 @@ def test_fp16_runs_with_a_grad_scaler_and_resumes(tmp_path):
         tilt.finetune(base, _reward, iters=1, gradient_checkpointing=True, init="copy", progress=False)
 
 
-def test_gradient_checkpointing_recomputes_the_same_gradient():
-    """Checkpointing only recomputes activations in backward: the LoRA gradient of one iteration on
-    a tiny SD3 transformer is the same as without it (to float32 rounding)."""
+def _tiny_sd3_base():
+    """A 2-layer random SD3 transformer as a FlowModel (seed 0), a generator and one prompt's cond."""
     pytest.importorskip("diffusers")
-    pytest.importorskip("peft")
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from tiltflow.models import diffusers_adapter as da
 
@@ -156,9 +214,16 @@ def test_gradient_checkpointing_recomputes_the_same_gradient():
     tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
-    base = da.from_diffusers(Pipe(tr))
     g = torch.Generator().manual_seed(1)
     cond = {"encoder_hidden_states": torch.randn(1, 5, 32, generator=g), "pooled_projections": torch.randn(1, 16, generator=g)}
+    return da.from_diffusers(Pipe(tr)), g, cond
+
+
+def test_gradient_checkpointing_recomputes_the_same_gradient():
+    """Checkpointing only recomputes activations in backward: the LoRA gradient of one iteration on
+    a tiny SD3 transformer is the same as without it (to float32 rounding)."""
+    pytest.importorskip("peft")
+    base, g, cond = _tiny_sd3_base()
     grads = {}
     for gc in (False, True):
         ft = tilt.finetune(base, lambda x, cond=None: 100 * x.mean((1, 2, 3)), lam=1.0, iters=1, batch_size=2,
@@ -169,6 +234,62 @@ def test_gradient_checkpointing_recomputes_the_same_gradient():
     assert grads[False].keys() == grads[True].keys() and grads[False]
     for k in grads[False]:
         torch.testing.assert_close(grads[True][k], grads[False][k], rtol=1e-5, atol=1e-7)
+
+
+def test_the_base_vjp_never_checkpoints():
+    """A base network with gradient checkpointing on (a shared module, a caller's setting) is not
+    checkpointed inside the lean adjoint's VJPs (each backward follows its forward at once, so a
+    recomputation only costs time — and would rerun the blocks in whatever state they are in at
+    backward time): the checkpoint function is never called during the sweep, although the same
+    VJP outside it does call it, ã is the one of the un-checkpointed network, and the flags are
+    back on afterwards."""
+    from tiltflow import integrators
+    from tiltflow.solvers import adjoint_matching as am
+
+    base, g, cond = _tiny_sd3_base()
+    tr = base.net.model
+    base.requires_grad_(False)
+    grid = integrators.time_grid(4)
+    ro = am.rollout(base, 2, grid, g, cond)
+    a1, _ = am.terminal_adjoint(lambda x, cond=None: 100 * x.mean((1, 2, 3)), ro.xs[-1], 1.0, cond)
+    plain = am.lean_adjoint(base, ro, a1)
+    calls = []
+
+    def counting(module, *args):
+        calls.append(type(module).__name__)
+        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+    tr.enable_gradient_checkpointing(counting)
+    adj, _ = am.lean_adjoint(base, ro, a1, idx=torch.tensor([1, 2]))
+    assert calls == [] and tr.is_gradient_checkpointing
+    torch.testing.assert_close(adj, plain, rtol=0, atol=0)
+    with torch.enable_grad():
+        base.velocity(ro.xs[1].requires_grad_(True), grid[1].expand(2), cond)
+    assert len(calls) == 2                     # outside the sweep the two blocks do checkpoint
+
+
+def test_gpu_am_benchmark_runs_its_tiny_mode_on_cpu():
+    """benchmarks/gpu_am.py --tiny (a 2-layer SD3 transformer, float32, CPU) runs the real phases
+    and counts FLOPs that obey their closed forms: the no-grad rollout is `steps` forwards of the
+    batch (exactly steps × one forward's FLOPs), and the adjoint is `steps` VJPs, each a forward
+    plus the input-gradient backward, which repeats a weight product's FLOPs and doubles an
+    activation product's, minus the text/time branches that do not depend on x: between 1.5 and
+    3 forwards per step."""
+    pytest.importorskip("diffusers")
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_am.py"
+    spec = importlib.util.spec_from_file_location("_gpu_am", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.run(tiny=True, device="cpu", repeats=1)
+    (r,) = out["results"]
+    f, steps = r["flops"], r["steps"]
+    assert f["forward"] > 0 and f["reference_rollout"] == steps * f["forward"]
+    assert 1.5 * steps * f["forward"] <= f["adjoint"] <= 3 * steps * f["forward"], f
+    assert f["loss"] > 0 and f["iteration"] == f["rollout"] + f["adjoint"] + f["loss"]
+    assert all(v > 0 for v in r["time_s"].values()) and r["iteration_over_reference_rollout"] > 1
+    assert out["machine"]["diffusers"] and r["x_floor"]["adjoint"] > 0
 
 
 # --- 2: per-prompt thresholds ---------------------------------------------------------------------

@@ -69,7 +69,7 @@ class DemoConfig:
     eval_steps: int = 50
     n_kl: int = 500
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"                  # auto: the GPU when there is one, else the CPU
 
 
 # `demo --fast`: the same pipeline in about 30 seconds (used by the CLI test); pictures are rough.
@@ -99,7 +99,7 @@ class MoleculesConfig:
     n_samples: int = 100                  # samples of base and fine-tuned model written as SDF and evaluated
     sample_steps: int = 50                # Heun steps of the ODE samples
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"                  # auto: the GPU when there is one, else the CPU
 
 
 def _field_help(cls) -> dict:
@@ -221,13 +221,13 @@ def _run_dir(run) -> Path:
     return run
 
 
-def _load_model(run, device="cpu") -> FlowModel:
-    """The model of a finished run folder."""
+def _load_model(run, device="auto") -> FlowModel:
+    """The model of a finished run folder, on `device` (distributed.device: "auto" picks the GPU if any)."""
     f = _run_dir(run) / "model.safetensors"
     if not f.is_file():
         raise FileNotFoundError(f"no model file {str(f)!r}: the run has not finished; "
                                 "complete it with --resume or pass another --run")
-    return FlowModel.load(f, device=device)
+    return FlowModel.load(f, device=distributed.device(device))
 
 
 def _run_info(run) -> dict:
@@ -830,7 +830,7 @@ class DigitsConfig:
     eval_steps: int = 50                  # Heun steps of the evaluation samples
     n_kl: int = 64                        # paths per digit of the path-KL estimate; 0 skips
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"                  # auto: the GPU when there is one, else the CPU
 
 
 def _digits_table(models: dict) -> None:
@@ -1026,7 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sde", action="store_true", help="memoryless SDE instead of the ODE")
     s.add_argument("--out", default="samples.npy", help="output file, .npy or .safetensors (default: samples.npy)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ... (default: auto)")
     _progress_flags(s)
     s.set_defaults(func=cmd_sample)
 
@@ -1041,16 +1041,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data points whose log-likelihood is computed; 0 skips (default: 500)")
     s.add_argument("--out", default=None, help="JSON file (default: RUN/evaluation.json)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:1, ... (default: auto)")
     _progress_flags(s)
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("sample-energy", help="train a sampler for exp(−E) of gmm40, manywell, dw4 or lj13",
+    s = sub.add_parser("sample-energy", help="train a sampler for exp(−E) of gmm40, manywell, dw4, lj13 or lj55",
                        description="Train a sampler for exp(−E) by Adjoint Sampling with a replay buffer; writes a "
                                    "run folder with model.safetensors, samples.npy, metrics.json (log Z by the Crooks "
                                    "estimator, ESS, energies) and samples.png for 2-D energies. Unset flags take the "
                                    "energy's defaults (tasks/energies.py SAMPLER_DEFAULTS), then EnergyConfig's.")
-    s.add_argument("--energy", required=True, help="one of: gmm40, manywell, dw4, lj13")
+    s.add_argument("--energy", required=True, help="one of: gmm40, manywell, dw4, lj13, lj55")
     _add_config_flags(s, EnergyConfig, no_defaults=True)
     s.add_argument("--n-samples", type=int, default=2000, help="samples written to samples.npy (default: 2000)")
     s.add_argument("--n-eval", type=int, default=2000, help="paths of the log Z / ESS estimate (default: 2000)")

@@ -21,6 +21,7 @@ draw exactly what one process with grad_accum=2 draws, and the results agree to 
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
@@ -88,22 +89,51 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def device(name: str) -> torch.device:
-    """`name` with a bare "cuda" mapped to this process's GPU (LOCAL_RANK) under a launcher.
+def device(name="auto", model=None) -> torch.device:
+    """The device a run uses, resolved in one place for every entry point.
 
-    ValueError naming `device` if the name is not a device or the device is not available.
+    "auto" (the default everywhere): the model's own device when it already sits on an
+    accelerator (so a GPU model is never moved to the CPU), else this process's GPU when
+    torch.cuda.is_available(), else the CPU. Under a launcher this process's GPU is
+    cuda:LOCAL_RANK, also for a bare "cuda" and for a model on another GPU. Any other name is
+    taken as torch.device takes it. ValueError naming `device` if the name is not a device or the
+    device is not available.
     """
+    if isinstance(name, str) and name == "auto":
+        own = _own_device(model)
+        if own is not None and own.type != "cpu":
+            if own.type != "cuda" or not launched():
+                return own
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(name)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {name!r}") from e
+        raise ValueError(f"device must be 'auto' or a torch device such as 'cpu' or 'cuda', got {name!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} is not available: torch.cuda.is_available() is False; use device='cpu'")
+        raise ValueError(f"device {name!r} is not available: torch.cuda.is_available() is False; "
+                         "use device='auto' or 'cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA devices")
-    if dev.type == "cuda" and dev.index is None and active():
+    if dev.type == "cuda" and dev.index is None and launched():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return dev
+
+
+def device_name(dev: torch.device) -> str:
+    """How a run folder records the device it ran on: "cuda" under a launcher (the ranks differ only
+    in the index, and all must compute the same config hash), else the full name ("cpu", "cuda:1")."""
+    return dev.type if launched() else str(dev)
+
+
+def _own_device(model) -> torch.device | None:
+    """The device of a model's first parameter or buffer (a FlowModel's .device), None if it has none."""
+    if model is None:
+        return None
+    if isinstance(model, torch.nn.Module):
+        t = next(itertools.chain(model.parameters(), model.buffers()), None)
+        return None if t is None else t.device
+    dev = getattr(model, "device", None)
+    return dev if isinstance(dev, torch.device) else None
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -117,9 +147,10 @@ def shard_sizes(n: int, shards: int) -> list[int]:
 
 
 def _comm_device(t: torch.Tensor) -> torch.device:
+    """Where a collective on t runs: NCCL on this process's GPU (t's own if it is on one), gloo on the CPU."""
     if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if t.device.type == "cuda" else t.device
+        return t.device if t.device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def all_gather(x: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,11 @@ def _check_steps(steps) -> int:
 def log_ratio(model, reference, x: Tensor, steps: int) -> Tensor:
     """log p(x) − log q(x) by both models' log_prob (ODE, `steps` Heun steps); (batch,).
 
-    A `model` with a method log_ratio(x) (fdc's tracked iterate) supplies it directly, up to a
-    constant that the Rényi normaliser cancels."""
+    A `model` with a method log_ratio(x, steps) (fdc's view of its iterate) supplies it
+    directly, up to a constant that the Rényi normaliser cancels."""
     if not hasattr(model, "path") and hasattr(model, "log_ratio"):
         with torch.no_grad():
-            return model.log_ratio(x.detach())
+            return model.log_ratio(x.detach(), steps)
     return model.log_prob(x.detach(), steps=steps) - reference.log_prob(x.detach(), steps=steps)
 
 
@@ -115,14 +115,16 @@ class Renyi:
             raise ValueError("alpha must differ from 1 (alpha = 1 is KL: use tiltflow.KL())")
         self.alpha, self.eps, self.steps = alpha, _check_eps(eps), _check_steps(steps)
         self.max_log_weight = _positive(max_log_weight, "max_log_weight")
-        self._cache = (None, None)
+        self._cache = []
 
     def _log_z(self, samples: Tensor, model, reference) -> float:
-        if self._cache[0] is not samples:
-            lr = log_ratio(model, reference, samples, self.steps).double()
-            log_z = torch.logsumexp((self.alpha - 1) * lr, 0) - math.log(lr.numel())
-            self._cache = (samples, float(log_z))
-        return self._cache[1]
+        for s, m, log_z in self._cache:
+            if s is samples and m is model:
+                return log_z
+        lr = log_ratio(model, reference, samples, self.steps).double()
+        log_z = float(torch.logsumexp((self.alpha - 1) * lr, 0) - math.log(lr.numel()))
+        self._cache = [*self._cache[-7:], (samples, model, log_z)]   # one per outer iteration
+        return log_z
 
     def value(self, samples: Tensor, model, reference, reference_samples=None) -> float:
         lr = log_ratio(model, reference, samples, self.steps).double()
@@ -159,7 +161,7 @@ class OT:
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(f"n must be an integer >= 2, got {n!r}")
         self.p, self.n = p, n
-        self._cache = (None, None, None)
+        self._cache = []
 
     def _cost(self, x: Tensor, y: Tensor) -> Tensor:
         d = torch.cdist(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1))
@@ -169,15 +171,18 @@ class OT:
         """(optimal cost, reference points (m, d), their potentials v (m,)) for these samples."""
         import ot  # POT: imported here so that the rest of tiltflow does not need it
 
-        if self._cache[0] is not samples:
-            x = samples[: self.n].detach().reshape(min(self.n, samples.shape[0]), -1).double().cpu()
-            y = reference_samples[: self.n].detach().reshape(min(self.n, reference_samples.shape[0]), -1).double().cpu()
-            a = np.full(x.shape[0], 1.0 / x.shape[0])
-            b = np.full(y.shape[0], 1.0 / y.shape[0])
-            M = self._cost(x, y).numpy()
-            plan, log = ot.emd(a, b, M, log=True)
-            self._cache = (samples, (float(log["cost"]), y, torch.as_tensor(log["v"])))
-        return self._cache[1]
+        for s, sol in self._cache:
+            if s is samples:
+                return sol
+        x = samples[: self.n].detach().reshape(min(self.n, samples.shape[0]), -1).double().cpu()
+        y = reference_samples[: self.n].detach().reshape(min(self.n, reference_samples.shape[0]), -1).double().cpu()
+        a = np.full(x.shape[0], 1.0 / x.shape[0])
+        b = np.full(y.shape[0], 1.0 / y.shape[0])
+        M = self._cost(x, y).numpy()
+        plan, log = ot.emd(a, b, M, log=True)
+        sol = (float(log["cost"]), y, torch.as_tensor(log["v"]))
+        self._cache = [*self._cache[-7:], (samples, sol)]   # one per outer iteration
+        return sol
 
     def value(self, samples: Tensor, model=None, reference=None, reference_samples=None) -> float:
         if not isinstance(reference_samples, Tensor):

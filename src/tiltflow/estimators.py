@@ -17,7 +17,9 @@ density). Two reference path laws P give weights w = dP/dQ with E_Q[w] = Z exact
   the fixed noising kernels X_s | X_t ~ N((α_s/α_t) X_t, β_s² − (α_s/α_t)² β_t²), which are the
   time reversal of the memoryless process (any data law), so
       log w = log γ(X_1) + Σ_i log B(X_i | X_{i+1}) − log N(X_0; 0, I) − Σ_i log q(X_{i+1} | X_i).
-  Unbiased for Z = ∫γ for any forward chain: no discretisation bias, only variance.
+  The weight is unbiased for Z = ∫γ for any forward chain (no discretisation bias): E_Q[w] = Z.
+  Its log, log Ẑ = log mean w, is consistent for log Z but biased low at finite n (Jensen:
+  E log Ẑ ≤ log E Ẑ; to first order by −Var(w)/(2nZ²)).
 
 The unified paper (Domingo-Enrich, Du, Albergo 2026) states its own Crooks and Jarzynski
 identities for the tilt; its full text was not available to us, so these are the exact
@@ -207,7 +209,8 @@ def jarzynski(model: FlowModel, base: FlowModel, reward: Callable, lam: float = 
 def crooks(model: FlowModel, log_density: Callable, n: int = 4096, steps: int = 100, seed: int = 0,
            cond=None, project: Callable | None = None) -> PathWeights:
     """Crooks weights of `model`'s paths against the noising process run backward from γ:
-    estimates log ∫ γ(x) dx for an unnormalised log-density log γ (e.g. −E), without bias.
+    estimates log ∫ γ(x) dx for an unnormalised log-density log γ (e.g. −E). Ẑ = mean w is
+    unbiased for Z; log Ẑ (`.log_Z`) is consistent and biased low, by about −Var(w)/(2nZ²).
 
     log_density: x (n, *dims) -> (n,). With `project` (mean-free particles) the integral is over
     the projected subspace.

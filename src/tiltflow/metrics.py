@@ -71,7 +71,7 @@ def _sum_distances(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
         block = torch.cdist(a[start : start + rows], b)
         if same:
             # the matrix-product form of cdist leaves ~1e-8 instead of 0 on the diagonal
-            i = torch.arange(block.shape[0])
+            i = torch.arange(block.shape[0], device=block.device)
             block[i, start + i] = 0.0
         total += float(block.sum())
     return total
@@ -134,13 +134,14 @@ def sliced_wasserstein(
 
     # Both quantile functions are constant between consecutive breakpoints of the merged grid.
     f64 = torch.float64
-    ends = torch.cat([torch.arange(1, n + 1, dtype=f64) / n, torch.arange(1, m + 1, dtype=f64) / m])
+    ends = torch.cat([torch.arange(1, n + 1, dtype=f64, device=x.device) / n,
+                      torch.arange(1, m + 1, dtype=f64, device=x.device) / m])
     ends = torch.unique(ends)  # sorted; last entry is exactly 1
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    du = (ends - starts).to(x.device)
+    du = ends - starts
     mid = (starts + ends) / 2
-    ix = torch.floor(mid * n).long().clamp(max=n - 1).to(x.device)
-    iy = torch.floor(mid * m).long().clamp(max=m - 1).to(x.device)
+    ix = torch.floor(mid * n).long().clamp(max=n - 1)
+    iy = torch.floor(mid * m).long().clamp(max=m - 1)
     w2_sq = (du[:, None] * (px[ix] - py[iy]) ** 2).sum(dim=0)  # (P,)
     return math.sqrt(float(w2_sq.mean()))
 
@@ -174,7 +175,7 @@ def cvar(r: torch.Tensor, level: float, tail: str = "right") -> float:
     s = torch.sort(r, descending=(tail == "right")).values
     k = level * s.shape[0]  # tail mass measured in samples
     # weight of the i-th sample from the tail end: 1 inside, fractional at the boundary, 0 after
-    w = (k - torch.arange(s.shape[0], dtype=torch.float64)).clamp(0.0, 1.0)
+    w = (k - torch.arange(s.shape[0], dtype=torch.float64, device=s.device)).clamp(0.0, 1.0)
     return float((w * s).sum() / k)
 
 
@@ -215,7 +216,7 @@ def reward_summary(
             raise ValueError(f"quantiles must be numbers in [0, 1], got {q!r}")
     out = {"mean": float(r.mean()), "std": float(r.std())}
     if qs:
-        values = torch.quantile(r, torch.tensor(qs, dtype=torch.float64))
+        values = torch.quantile(r, torch.tensor(qs, dtype=torch.float64, device=r.device))
         for q, v in zip(qs, values.tolist()):
             out[f"q{_percent_key(q)}"] = v
     key = _percent_key(level)

@@ -16,7 +16,9 @@ that tilt (``pseudo_reward``) and scores samples (``value``).
 
   Stage 1 (``solve_threshold``) picks η* = argmin F_R (right: min over η of a max over p,
   swapped because F_R is convex) or η* = argmax F_L (left: max over both, no swap). Stage 2
-  fine-tunes once with g_η*. Why the tails differ: right-CVaR is concave in p (a min of
+  fine-tunes once with g_η* (left), or on the right with η re-estimated on each rollout batch
+  as its (1 − β)-quantile: F'(η*) = 0 says exactly β of the optimal tilt lies beyond η*
+  (``TrackedCVaRPseudoReward``). Why the tails differ: right-CVaR is concave in p (a min of
   affine functions), so max_p CVaR_R − λKL is a concave problem with one optimum; left-CVaR
   is CONVEX in p (a max of affine functions), so max_p CVaR_L − λKL can have several local
   optima, one per local maximum of F_L (e.g. for a bimodal reward law: keep both modes, or
@@ -40,6 +42,7 @@ otherwise be needed for the non-concave left dual.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,11 +61,13 @@ __all__ = [
     "ThresholdSolution",
     "cvar_pseudo_reward",
     "solve_threshold",
+    "tail_fraction",
     "threshold_dual",
 ]
 
 Reward = Callable[..., Tensor]
 _TAILS = ("right", "left")
+_FEW_BEYOND = 50  # stage 1 warns (fixed thresholds) when fewer offline rewards lie beyond η̂
 
 
 # --------------------------------------------------------------------------- validation
@@ -169,6 +174,16 @@ def cvar_pseudo_reward(
     return hinge / beta if tail == "right" else -hinge / beta
 
 
+def tail_fraction(r: Tensor, eta: float, tail: str) -> float:
+    """Fraction of r beyond η: #{r > η}/n (right) or #{r < η}/n (left); r: (n,).
+
+    The threshold's optimality condition says it is β under the optimal tilt (F'(η*) = 0), so
+    finetune logs it per iteration as a convergence diagnostic.
+    """
+    r = r.detach()
+    return float(((r > eta) if _check_tail(tail) == "right" else (r < eta)).double().mean())
+
+
 @dataclass(frozen=True)
 class CVaRPseudoReward:
     """g(x, cond=None) = g_η(r(x)) for a fixed threshold η; see ``cvar_pseudo_reward``.
@@ -188,31 +203,41 @@ class CVaRPseudoReward:
 
 
 class TrackedCVaRPseudoReward:
-    """g_{η_k}(r(x)) with η_k = min(η*, q_k), q_k the tail quantile of the batch it is called on.
+    """g_{η_k}(r(x)) with η_k = q_k, the tail quantile of the batch it is called on (self-consistent η).
 
-    Stage 2 with a fixed η* stalls on the right tail when few base samples reach η* (the
-    gradient 1[r > η*]/β is zero almost everywhere and the regression pulls the control back
-    to zero — measured in ../shared/research/algorithms.md §3). Tracking keeps about a fraction
-    β of each rollout batch active: q_k is the (1 − β)-quantile (right) or β-quantile (left) of
-    the current model's rewards. It does not change the target: at the optimum exactly a
-    fraction β of the tilted mass lies beyond η* (the first-order condition of F), so η* is the
-    only fixed point of η = min(η*, q(p_η)), and the cap means η never passes it.
-    Called once per iteration on the rollout's end points; the current η_k is in ``self.eta``.
+    The optimality condition of the threshold: F'(η) = 1 − P_{p_η}(r > η)/β (right) or
+    1 − P_{p_η}(r < η)/β (left), p_η ∝ p_base·exp(g_η/λ), so at η* exactly a fraction β of
+    the optimal tilt lies beyond η*: η* = Q_{1−β}(p_η*) (right) or Q_β(p_η*) (left). The model
+    being fine-tuned samples p_η, so its own rollouts estimate η: q_k is the (1 − β)-quantile
+    (right) or β-quantile (left) of the current batch's rewards, and the fixed point of
+    (model → p_η, η → q(model)) is η*. Stage 1's offline η̂ is only the starting value of
+    ``self.eta``: on the right tail it rests on the few offline samples beyond it and is biased
+    low, which the slope 1/(βλ) amplifies (``benchmarks/tfft.py``).
+
+    The update is undamped (η_k from the current batch alone): about ⌈βn⌉ rollouts of every
+    batch carry the gradient ∇r/β, and that holds the tilted tail's mass at β. Measured on the
+    `mixture` benchmark (λ = 1, β = 0.1): averaging η over iterations (EMA, pooled batches, or
+    a Robbins–Monro step on the fraction beyond η), or holding η at the exact η*, lets Adjoint
+    Matching move the tail mass on its own and it oscillates or collapses to the base. No state
+    is kept, so resume and data parallel need nothing (each micro-batch uses its own quantile).
+    Left tail (``track=True``): F_L has several stationary points and tracking settles at the
+    self-consistent one the model runs into, not necessarily stage 1's global maximum (the
+    left default keeps η̂ fixed; stage 1 is accurate there, most samples lie beyond it).
+    Called once per micro-batch on the rollout's end points; the current η_k is in ``self.eta``.
     """
 
-    def __init__(self, reward: Reward, eta_star: float, level: float, tail: str, smoothing: float = 0.0):
-        self.reward, self.eta_star = reward, _check_eta(eta_star)
+    def __init__(self, reward: Reward, eta0: float, level: float, tail: str, smoothing: float = 0.0):
+        self.reward, self.eta0 = reward, _check_eta(eta0)
         self.level, self.tail, self.smoothing = _check_level(level), _check_tail(tail), _check_smoothing(smoothing)
-        self.eta = self.eta_star
+        self.eta = self.eta0
 
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
         r = _call_reward(self.reward, x, cond)
-        q = torch.quantile(r.detach().double(), 1.0 - self.level if self.tail == "right" else self.level)
-        self.eta = min(self.eta_star, float(q))
+        self.eta = float(torch.quantile(r.detach().double(), 1.0 - self.level if self.tail == "right" else self.level))
         return cvar_pseudo_reward(r, self.eta, self.level, self.tail, self.smoothing)
 
     def __repr__(self) -> str:
-        return f"TrackedCVaRPseudoReward(eta_star={self.eta_star:.4g}, level={self.level:g}, tail={self.tail!r})"
+        return f"TrackedCVaRPseudoReward(eta0={self.eta0:.4g}, level={self.level:g}, tail={self.tail!r})"
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -250,7 +275,12 @@ def _dual(r: Tensor, eta: Tensor, beta: float, lam: float, tail: str) -> Tensor:
 
 @dataclass(frozen=True)
 class ThresholdSolution:
-    """Stage-1 result: η* and the dual optimum F(η*) on a batch of n base rewards."""
+    """Stage-1 result: η* and the dual optimum F(η*) on a batch of n base rewards.
+
+    n_beyond: how many of the n rewards lie beyond η* (r > η* right, r < η* left). A right-tail
+    η* is decided by these samples; when they are few (< 50) it is noisy and biased low, and an
+    error δ in η changes the tilt's odds of landing beyond it by e^{δ/(βλ)}.
+    """
 
     eta: float
     value: float
@@ -258,6 +288,7 @@ class ThresholdSolution:
     tail: str
     level: float
     lam: float
+    n_beyond: int = 0
 
 
 class _SortedDual:
@@ -341,8 +372,10 @@ def solve_threshold(rewards: Tensor, level: float, lam: float, tail: str) -> Thr
         eta = candidates[dual(candidates).argmin()]
     # Final value by direct evaluation (differences r − η, no cancellation of large terms).
     value = _dual(r - centre, eta, beta, lam, tail) + centre
+    n_beyond = int((r_sorted > eta).sum() if tail == "right" else (r_sorted < eta).sum())
     return ThresholdSolution(
-        eta=float(eta + centre), value=float(value), n=r.numel(), tail=tail, level=beta, lam=lam
+        eta=float(eta + centre), value=float(value), n=r.numel(), tail=tail, level=beta, lam=lam,
+        n_beyond=n_beyond,
     )
 
 
@@ -377,10 +410,12 @@ class ExpectedReward:
 class CVaR:
     """Right- or left-tail CVaR of the reward at tail mass β = ``level`` (TFFT).
 
-    ``pseudo_reward`` runs stage 1 on offline base samples and returns g_η* (stored solution
-    in ``self.solution``); ``pseudo_reward_at(eta)`` builds g_η for any η (for stage-2
-    variants that move η). ``smoothing = τ`` applies only to the stage-2 pseudo-reward;
-    stage 1 always solves the exact hinge dual.
+    ``pseudo_reward`` runs stage 1 on offline base samples (solution, with the count of offline
+    rewards beyond η̂, in ``self.solution``) and returns g_η̂, or with ``track`` (the right-tail
+    default) g_{η_k} with η_k the tail quantile of each rollout batch, the self-consistent
+    threshold (TrackedCVaRPseudoReward); ``pseudo_reward_at(eta)`` builds g_η for any η.
+    ``smoothing = τ`` applies only to the stage-2 pseudo-reward; stage 1 always solves the exact
+    hinge dual.
 
     ``per_prompt=True`` (used by finetune with ``prompts=``): one threshold η*_p per prompt, each
     solved on that prompt's offline samples, instead of one η* over all prompts' pooled rewards;
@@ -395,8 +430,9 @@ class CVaR:
         self.level = _check_level(level)
         self.tail = _check_tail(tail)
         self.smoothing = _check_smoothing(smoothing)
-        # Quantile tracking in stage 2 (TrackedCVaRPseudoReward): on by default for the right
-        # tail, where a fixed η* far out stalls; the left tail converges with η* fixed.
+        # Self-consistent threshold in stage 2 (TrackedCVaRPseudoReward: η = the tail quantile of
+        # each rollout batch): on by default for the right tail, where the offline η̂ is biased
+        # and a fixed threshold stalls or overshoots; the left tail converges with η̂ fixed.
         self.track = (self.tail == "right") if track is None else bool(track)
         if not isinstance(per_prompt, bool):
             raise ValueError(f"per_prompt must be True or False, got {per_prompt!r}")
@@ -407,12 +443,31 @@ class CVaR:
     def name(self) -> str:
         return f"cvar_{self.tail}_{self.level:g}"
 
-    def pseudo_reward(self, x_offline: Tensor, lam: float, cond: Any = None) -> CVaRPseudoReward:
-        """Stage 1 on x_offline: (n, *dims) base samples; returns g_η*(r(x)) (stage 2)."""
+    def pseudo_reward(self, x_offline: Tensor | None, lam: float, cond: Any = None, *,
+                      rewards: Tensor | None = None) -> CVaRPseudoReward:
+        """Stage 1 on x_offline: (n, *dims) base samples; returns g_η*(r(x)) (stage 2).
+
+        rewards: (n,) their rewards r(x_offline, cond), already computed (finetune draws and
+        rewards the offline batch a micro-batch at a time); x_offline and cond are then unused.
+        """
         lam = _check_lam(lam)
-        with torch.no_grad():
-            r = _rewards_of(self.reward, x_offline, cond)
+        if rewards is not None:
+            r = rewards
+        elif x_offline is None:
+            raise ValueError("pseudo_reward needs x_offline (n, *dims) base samples or rewards=(n,) their rewards")
+        else:
+            with torch.no_grad():
+                r = _rewards_of(self.reward, x_offline, cond)
         self.solution = solve_threshold(r, self.level, lam, self.tail)
+        if self.solution.n_beyond < _FEW_BEYOND and not self.track:
+            s = self.solution
+            warnings.warn(
+                f"CVaR stage 1: only {s.n_beyond} of {s.n} offline rewards lie beyond the threshold "
+                f"η̂ = {s.eta:.4g} ({s.tail} tail, β = {s.level:g}, λ = {s.lam:g}); η̂ rests on them and is "
+                f"noisy and biased, and a threshold error δ changes the tilt's odds beyond it by "
+                f"e^(δ/(βλ)) = e^(δ·{1 / (s.level * s.lam):.3g}). Raise n_offline"
+                + (", or use track=True (the threshold re-estimated from the model's own rollouts)"
+                   if s.tail == "right" else ""), stacklevel=2)
         if self.track:
             return TrackedCVaRPseudoReward(self.reward, self.solution.eta, self.level, self.tail, self.smoothing)
         return self.pseudo_reward_at(self.solution.eta)

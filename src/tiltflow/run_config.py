@@ -313,11 +313,13 @@ def run_finetune(run: RunConfig, ft: dict, progress: bool = True):
 
     ft: FinetuneConfig keyword arguments (lam, iters, ...)."""
     from . import checkpoint as ckpt
+    from . import distributed as dist
     from .methods.finetune import finetune
     from .models import diffusers_adapter as da
 
     pipe = load_pipeline(run.base, run.dtype)
-    device = ft.get("device", "cpu")
+    model = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+    device = dist.device(ft.get("device", "auto"), model)
     guided = run.guidance_scale != 1.0
     neg = None if not guided else [run.negative_prompt or ""] * len(run.prompts)
     # the text encoders stay where the pipeline loaded them; only the embeddings move to `device`
@@ -327,7 +329,6 @@ def run_finetune(run: RunConfig, ft: dict, progress: bool = True):
     vneg = None if not guided else [run.negative_prompt or ""] * len(val_prompts)
     vcond = to(da.encode_prompts(pipe, val_prompts, negative_prompts=vneg, guidance=guided))
     val_conds = [{k: v[j:j + 1] for k, v in vcond.items()} for j in range(len(val_prompts))]
-    model = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
     shape = None
     if run.latent_size is not None:
         shape = (model.config.in_channels, run.latent_size, run.latent_size)

@@ -124,9 +124,11 @@ def model_score(model, x: Tensor, eps: float = 0.02) -> Tensor:
     noise left, 4e-4 for ε = 0.02). The FDC authors' code reads the score the same way at
     ε = 0.005; we default to 0.02, the last interior time of a 50-step Adjoint Matching grid,
     because a fine-tuned velocity's error δv becomes a score error ≈ δv/ε. Measured: after one
-    Adjoint Matching run (2-D Gaussian, 20-50 steps) the read-out is off by 50-300 % at ε = 0.02
-    and by ~5 % at ε = 0.1, while an exact base is right to 0.1 %; hence fdc's default
-    density="tilts", which needs the score of the pretrained model only.
+    Adjoint Matching run (2-D Gaussian, 20 steps) the read-out is off by 300 % at ε = 0.02 (a
+    time the run never trained) and within ~2-5 % at ε = 0.05-0.1, while an exact base is right
+    to 0.1 %; after a short, unconverged run it is wrong at every ε. fdc therefore reads p_pre
+    at the inner runs' last grid time and takes ∇log p_k from the gradient of the current model's
+    ODE log-likelihood (methods/fdc.py, score_steps).
     """
     if not hasattr(model, "path") and hasattr(model, "score"):
         return model.score(x)      # a density known otherwise (fdc's tracked iterate)
@@ -278,9 +280,10 @@ class MeanVariance:
 class Entropy:
     """Differential entropy H(p) = −E_p log p; δH/δp(x) = −log p(x) (− 1, dropped).
 
-    The first variation is handed over by its gradient −∇log p_k(x), read from the current
-    model's velocity (``model_score``, one network call per batch); its value is reported as 0
-    (Adjoint Matching uses only the gradient). ``value`` estimates H from the model's
+    The first variation is handed over by its gradient −∇log p_k(x) (``model_score``: fdc hands
+    in the current model's density, whose score is the gradient of its ODE log-likelihood); its
+    value is reported as 0 (Adjoint Matching uses only the gradient; a divergence that needs
+    log p_k − log p_pre, Rényi, reads it from the models, never from these values). ``value`` estimates H from the model's
     ``log_prob`` (exact divergence up to 16 dimensions, Hutchinson above), `steps` Heun steps.
     With KL(p‖p_pre) the optimum is p ∝ p_pre^{λ/(1+λ)}; the default step 1/(1 + λ) reaches it
     in one outer iteration.

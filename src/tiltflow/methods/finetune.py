@@ -26,8 +26,10 @@ prompts). Quantile tracking (CVaR(track=True)) follows the quantile of each micr
 one prompt.
 
 Memory and speed. Peak memory follows the micro-batch batch_size / (processes · grad_accum), not
-the global batch: each micro-batch is rolled out (no graph), its lean adjoint integrated one VJP
-at a time, and its loss backpropagated before the next one starts. Within a micro-batch the loss
+the global batch, and not n_offline: stage 1 draws and rewards the offline samples a micro-batch at
+a time and keeps only their rewards (objectives taking `rewards=`, i.e. CVaR); each micro-batch is
+rolled out (no graph), its lean adjoint integrated one VJP at a time, and its loss backpropagated
+before the next one starts. Within a micro-batch the loss
 evaluates the fine-tuned net on (loss times × micro-batch) rows at once; `loss_chunk` = k
 backpropagates it k times at a time instead (gradients add up to the same value),
 `gradient_checkpointing` recomputes a diffusers network's activations block by block in backward,
@@ -35,15 +37,25 @@ and `mixed_precision` ("bf16", "fp16") runs the model forward passes (rollout, a
 offline samples) under torch.autocast on the run's device, while the states, the lean adjoint ã,
 the loss reduction, the gradients and Adam stay float32 (fp16 adds a GradScaler).
 
-LoRA (`lora_rank=`, diffusers adapters): the copied model gets a peft LoRA (models.diffusers_adapter
-.add_lora); only its weights train and need gradients, checkpoints hold only them (the rest is
-the base, fingerprinted in the config), and the run folder gets lora.safetensors next to the
-full model.safetensors.
+LoRA (`lora_rank=`, diffusers adapters): one copy of the network. The frozen base and the trained
+model are new modules over the caller's own weight tensors (FlowModel.copy(share_weights=True); a
+caller's model on another device is copied there once); the trained model alone gets a float32
+peft LoRA (make_lora_model), so the base velocity is the network without the adapter and the
+caller's model is left as it was (no LoRA, same flags). The returned model shares those frozen
+tensors with the caller's: writing into one's weights in place changes the other's. Only the LoRA
+trains and needs gradients, checkpoints hold only it (the rest is the base, fingerprinted in the
+config), and the run folder gets lora.safetensors next to the full model.safetensors. The base of
+every run is such a view of the caller's weights, not a copy.
+
+Text encoders (a model from diffusers_adapter.from_diffusers with its pipeline's encoders): once
+cond/prompts are encoded they move to the CPU for the run (SD3's T5-XXL off the accelerator; a new
+prompt is still encoded on demand) and back when finetune returns.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,10 +70,9 @@ from .. import distributed as dist
 from ..metrics import mean_pairwise_distance, reward_summary
 from ..models.flow_model import FlowModel, ResidualVelocity
 from ..models.mlp import MLPVelocity
-from ..objectives import ExpectedReward
+from ..objectives import ExpectedReward, _rewards_of, tail_fraction
 from ..solvers import adjoint_matching as am
 from ..solvers import get_solver
-from .. import integrators
 
 
 @dataclass
@@ -71,7 +82,7 @@ class FinetuneConfig:
     iters: int = 500                 # optimiser steps (one fresh rollout batch each)
     batch_size: int = 256            # trajectories per iteration, over all processes (the global batch)
     grad_accum: int = 1              # micro-batches per process and iteration (gradient accumulation)
-    steps: int = 50                  # memoryless-SDE steps of each rollout (uniform grid on [0, 1])
+    steps: int = 50                  # memoryless-SDE steps of each rollout (on the grid of `grid`)
     lr: float = 1e-3                 # Adam learning rate
     lr_final: float | None = None    # cosine decay of the learning rate to this value at `iters` (None: constant)
     n_loss_times: int | None = None  # times per trajectory in the loss (None: every interior time)
@@ -85,18 +96,19 @@ class FinetuneConfig:
     checkpoint_every: int = 100
     max_nonfinite: int = 5           # stop after this many optimiser steps in a row skipped for a NaN/inf loss or gradient
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"             # "auto": the model's accelerator, else the GPU if any, else the CPU (distributed.device)
     lora_rank: int | None = None     # diffusers adapters: train a LoRA of this rank only (None: per `init`)
     lora_alpha: float | None = None  # LoRA scale α (None: α = rank)
-    lora_targets: tuple | None = None  # module names the LoRA wraps (None: attention to_q, to_k, to_v, to_out.0)
+    lora_targets: tuple | None = None  # module names the LoRA wraps (None: the adapter's default, add_lora)
     loss_chunk: int | None = None    # loss times per backward pass (None: all at once); same gradient, less activation memory
     gradient_checkpointing: bool = False  # diffusers adapters: recompute the fine-tuned network's activations in backward
     mixed_precision: str = "no"      # "no", "bf16" or "fp16": torch.autocast on the model forward passes (fp16 adds a GradScaler)
+    grid: str = "auto"               # time grid of rollouts and stage 1: "auto" the network's own (SD3: the scheduler's shifted grid), else uniform; "uniform"
 
 # run settings that are left out of config.json / the config hash while at their default, so
 # runs made before they existed still resume
 _OPTIONAL_KEYS = {"lora_rank": None, "lora_alpha": None, "lora_targets": None, "loss_chunk": None,
-                  "gradient_checkpointing": False, "mixed_precision": "no"}
+                  "gradient_checkpointing": False, "mixed_precision": "no", "grid": "auto"}
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -136,6 +148,8 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"gradient_checkpointing must be True or False, got {cfg.gradient_checkpointing!r}")
     if cfg.mixed_precision not in ("no", *_AMP_DTYPES):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.mixed_precision!r}")
+    if cfg.grid not in ("auto", "uniform"):
+        raise ValueError(f"grid must be 'auto' (the network's own time grid, else uniform) or 'uniform', got {cfg.grid!r}")
 
 
 # --- many prompts ---------------------------------------------------------------------------------
@@ -175,6 +189,17 @@ def _split_prompts(prompts) -> list:
                              "must have exactly one row (pass a batched encode_prompts dict to split it)")
         conds.append(c)
     return conds
+
+
+def _on_device(c, device):
+    """A condition (tensor, or dict/list holding tensors) with its tensors on `device`."""
+    if torch.is_tensor(c):
+        return c.to(device)
+    if isinstance(c, dict):
+        return {k: _on_device(v, device) for k, v in c.items()}
+    if isinstance(c, (list, tuple)):
+        return type(c)(_on_device(v, device) for v in c)
+    return c
 
 
 def _repeat(c, n: int):
@@ -230,6 +255,30 @@ def _prompt_record(conds) -> dict:
     return {"count": len(conds), "sha256": h.hexdigest()[:16]}
 
 
+def _offline_batch(base: FlowModel, draws, micro: int, steps: int, gens: dict, amp, reward=None, grid="auto"):
+    """Stage-1 base samples (n, *dims), or only their rewards r(x, c) as float64 (n,) when `reward` is given.
+
+    draws: [(shard i, count, condition c, repeat)] in order: `count` memoryless-SDE samples under c
+    from shard i's stream, drawn and rewarded `micro` rows at a time under no_grad and `amp`, so
+    that peak memory follows the micro-batch, not n_offline (a latent model decodes `micro` images
+    at a time). The reward sees c repeated to the rows (repeat) or c as it is. The chunks of a shard
+    draw from its stream one after another: a count ≤ micro draws what one call for all drew.
+    grid: the time grid ("auto" or "uniform", FlowModel.time_grid), as the rollouts'.
+    """
+    out = []
+    for i, n, c, repeat in draws:
+        for s in range(0, n, micro):
+            m = min(micro, n - s)
+            with torch.no_grad(), amp():
+                x = base.sample(m, steps=steps, sde=True, cond=c, generator=gens[i], grid=grid)
+                out.append(x if reward is None else
+                           _rewards_of(reward, x, _repeat(c, m) if repeat else c).detach().double())
+    if out:
+        return torch.cat(out)
+    return torch.zeros(0, *base.shape, device=base.device) if reward is None else \
+        torch.zeros(0, dtype=torch.float64, device=base.device)
+
+
 def _stage1_record(stage1):
     """stage1.json: the objective's solution, or per prompt {"eta": [η*_p], "per_prompt": [solution_p]}."""
     one = lambda s: asdict(s) if hasattr(s, "__dataclass_fields__") else s  # noqa: E731
@@ -252,6 +301,22 @@ class _Params(torch.nn.Module):
         super().__init__()
         for n, p in named:
             self.register_parameter(n.replace(".", "__"), p)
+
+
+def make_lora_model(base: FlowModel, rank: int, alpha: float | None = None, targets=None, seed: int = 0) -> FlowModel:
+    """The model of a LoRA run: new modules over the base's own frozen tensors plus a float32 LoRA.
+
+    One copy of the network in memory: base, this model and the caller's model (where it is on
+    the run's device) hold the same weight tensors; the base's velocity is the network without
+    the LoRA (its modules never get one), this model's is the network with it. targets None:
+    the adapter's default (diffusers_adapter.add_lora). The LoRA's A init depends on `seed` only.
+    """
+    from ..models import diffusers_adapter as da
+    ft = base.copy(share_weights=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        da.add_lora(ft, rank, alpha, None if targets is None else tuple(targets))
+    return ft.to(base.device)
 
 
 def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(128, 128), seed: int = 0) -> FlowModel:
@@ -289,8 +354,11 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     cond: one condition for every sample; prompts: instead, a list of per-prompt conditions (or one
     batched encode_prompts dict), one prompt per micro-batch in a shuffled cycle (module docstring).
     Both may be strings when the model has a prompt encoder (from_diffusers with text encoders).
-    lora_rank (with lora_alpha, lora_targets): train only a LoRA on a diffusers adapter; the run
-    folder then also holds lora.safetensors (models.diffusers_adapter.load_lora puts it on the base).
+    lora_rank (with lora_alpha, lora_targets): train only a float32 LoRA on a diffusers adapter, over
+    the caller's own frozen weights (one copy of the network; the returned model shares them with
+    `model`, which is otherwise left as it was); the run folder then also holds lora.safetensors
+    (models.diffusers_adapter.load_lora puts it on the base).
+    grid: "auto" rolls out on the network's own time grid (SD3: the scheduler's shifted one), "uniform".
     kwargs: any FinetuneConfig field (batch_size, steps, lr, n_loss_times, seed, device, ...).
     callback(iteration, record) is called after each logged iteration; a callback with a third
     required argument gets callback(iteration, record, model) with the model being trained (e.g. to draw
@@ -309,33 +377,38 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             raise ValueError(f"objective must be an objective or a reward callable, got {objective!r}")
         objective = ExpectedReward(objective)
     conds = None
+    from ..models.diffusers_adapter import encode_text, release_text_encoders
     if prompts is not None or cond is not None:   # text through the model's own prompt encoder, if any
-        from ..models.diffusers_adapter import encode_text
         prompts, cond = encode_text(model, prompts), encode_text(model, cond)
+    # the prompts are embeddings now: the text encoders (SD3's T5-XXL) leave the accelerator while
+    # training (a new prompt, e.g. in a callback, is still encoded on demand) and come back at the end
+    restore_text = release_text_encoders(model)
     if prompts is not None:
         if cond is not None:
             raise ValueError("pass either cond (one condition) or prompts (several), not both")
         conds = _split_prompts(prompts)
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
-    device = dist.device(cfg.device)
-    base = model.copy().to(device).eval()
-    base.requires_grad_(False)
-    ft = make_finetune_model(base, cfg.init, cfg.residual_hidden, cfg.seed)
+    device = dist.device(cfg.device, model)
+    cfg.device = dist.device_name(device)   # the run folder records the device it ran on, not "auto"
+    # conditions made on the CPU (digits.prompts(), a caller's tensor) go where the model runs
+    cond = _on_device(cond, device)
+    conds = None if conds is None else [_on_device(c, device) for c in conds]
+    # the frozen base: views of the caller's weights (no copy) where they already are on `device`
+    base = model.copy(share_weights=True).to(device).eval()
     if cfg.lora_rank is not None:
-        from ..models import diffusers_adapter as da
-        with torch.random.fork_rng(devices=[]):   # LoRA A's init depends on `seed` only
-            torch.manual_seed(cfg.seed)
-            da.add_lora(ft, cfg.lora_rank, cfg.lora_alpha,
-                        da.DEFAULT_TARGETS if cfg.lora_targets is None else tuple(cfg.lora_targets))
-        ft.to(device)
+        ft = make_lora_model(base, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, cfg.seed)
+    else:
+        ft = make_finetune_model(base, cfg.init, cfg.residual_hidden, cfg.seed)
     if cfg.gradient_checkpointing:
         inner = getattr(ft.net, "model", None)
         if not hasattr(inner, "enable_gradient_checkpointing"):
             raise ValueError("gradient_checkpointing needs a diffusers adapter (models.diffusers_adapter."
                              f"from_diffusers); this model's network is {type(ft.net).__name__}")
         inner.enable_gradient_checkpointing()
-    dist.broadcast_module(ft)
+    # a LoRA run's frozen weights are the base's own tensors: only the LoRA is ft's to broadcast
+    dist.broadcast_module(ft if cfg.lora_rank is None else
+                          _Params([(n, p) for n, p in ft.named_parameters() if p.requires_grad]))
     named = [(n, p) for n, p in ft.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
     params = [p for _, p in named]
     if not params:
@@ -355,7 +428,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)
     gens = {i: torch.Generator(device=device).manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
     gen_names = {i: "train" if i == 0 else f"train_{i}" for i in mine}
-    grid = integrators.time_grid(cfg.steps, device=device)
+    grid = base.time_grid(cfg.steps, cfg.grid, device=device)
     amp = _autocast(cfg.mixed_precision, device)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
@@ -364,41 +437,46 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     # Stage 1 of the objective (e.g. the CVaR threshold) on an offline batch of base samples,
     # drawn shard by shard and gathered, so every process solves it on the same n_offline samples.
     t_stage1 = time.perf_counter()
-    x_off = None
+    needs_offline = getattr(objective, "needs_offline", True)
+    per_prompt = conds is not None and getattr(objective, "per_prompt", False) and needs_offline
+    # an objective that takes rewards= (CVaR) gets only the offline rewards, computed chunk by chunk
+    by_reward = needs_offline and hasattr(objective, "reward") \
+        and "rewards" in inspect.signature(objective.pseudo_reward).parameters
+    off = None        # the offline rewards (n,) if by_reward, else the samples (n, *dims)
     cond_off = cond
-    per_prompt = conds is not None and getattr(objective, "per_prompt", False) \
-        and getattr(objective, "needs_offline", True)
-    if getattr(objective, "needs_offline", True) and conds is None:
+    if needs_offline and conds is None:
         sizes = dist.shard_sizes(cfg.n_offline, shards)
-        with amp():
-            x_off = torch.cat([base.sample(sizes[i], steps=cfg.steps, sde=True, cond=cond, generator=gens[i])
-                               for i in mine if sizes[i] > 0])
-        x_off = dist.all_gather(x_off)
-    elif getattr(objective, "needs_offline", True):
+        off = _offline_batch(base, [(i, sizes[i], cond, False) for i in mine], micro, cfg.steps, gens, amp,
+                             objective.reward if by_reward else None, cfg.grid)
+        off = dist.all_gather(off)
+    elif needs_offline:
         # prompt p gets shard_sizes(n_offline, P)[p] samples, split over the shards; gathered in
         # (shard, prompt) order, which every process knows, so each builds the pooled condition
         part = [dist.shard_sizes(k, shards) for k in dist.shard_sizes(cfg.n_offline, len(conds))]
         if per_prompt and min(sum(q) for q in part) == 0:
             raise ValueError(f"per-prompt thresholds need offline samples of every prompt: n_offline="
                              f"{cfg.n_offline} < {len(conds)} prompts")
-        with amp():
-            x_off = [base.sample(part[p][i], steps=cfg.steps, sde=True, cond=conds[p], generator=gens[i])
-                     for i in mine for p in range(len(conds)) if part[p][i] > 0]
-        x_off = dist.all_gather(torch.cat(x_off) if x_off else torch.zeros(0, *base.shape, device=device))
+        off = _offline_batch(base, [(i, part[p][i], conds[p], True) for i in mine for p in range(len(conds))],
+                             micro, cfg.steps, gens, amp, objective.reward if by_reward else None, cfg.grid)
+        off = dist.all_gather(off)
         cond_off = _cat([_stack_prompts(conds, [part[p][i] for p in range(len(conds))])
                          for i in range(shards) if any(part[p][i] for p in range(len(conds)))])
+
+    def solve(o, c):
+        return objective.pseudo_reward(None, cfg.lam, rewards=o) if by_reward else objective.pseudo_reward(o, cfg.lam, c)
+
     if per_prompt:
         # the same offline samples as the pooled threshold, grouped by prompt: one η*_p each
         owner = torch.tensor([p for i in range(shards) for p in range(len(conds)) for _ in range(part[p][i])],
-                             device=x_off.device)
+                             device=off.device)
         g_prompt, stage1 = [], []
         for p, c in enumerate(conds):
-            x_p = x_off[owner == p]
-            g_prompt.append(objective.pseudo_reward(x_p, cfg.lam, _repeat(c, x_p.shape[0])))
+            o = off[owner == p]
+            g_prompt.append(solve(o, _repeat(c, o.shape[0])))
             stage1.append(objective.solution)
         reward = g_prompt[0]
     else:
-        reward = objective.pseudo_reward(x_off, cfg.lam, cond_off)
+        reward = solve(off, cond_off)
         g_prompt, stage1 = None, getattr(objective, "solution", None)
     t_stage1 = time.perf_counter() - t_stage1
     raw_reward = getattr(objective, "reward", reward)
@@ -443,7 +521,6 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     nonfinite_run = 0
     schedule = _PromptSchedule(len(conds), cfg.seed) if conds is not None else None
     if callback is not None:
-        import inspect
         try:    # a third required parameter asks for the model
             inspect.signature(callback).bind(0, {})
             with_model = False
@@ -456,6 +533,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                 group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * it / cfg.iters))
         opt.zero_grad(set_to_none=True)
         losses, kls, x1s, gs = [], [], [], []
+        thresholds = []   # (η, tail) of each micro-batch's pseudo-reward (CVaR), for the log
         t_roll = t_adj = 0.0
         if conds is not None:   # the prompt of each micro-batch of this iteration (all processes)
             pick = [schedule(it * shards + j) for j in range(shards)]
@@ -472,14 +550,16 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                     ro = am.rollout(ft, micro, grid, gen, cond, cfg.scheme)
                 tb = time.perf_counter()
                 a1, g_val = am.terminal_adjoint(g_i, ro.xs[-1], cfg.lam, cond)
-                with amp():   # the VJPs run in low precision; ã itself is accumulated in x's float32
-                    adj = am.lean_adjoint(base, ro, a1, cfg.scheme)
-                tc = time.perf_counter()
+                # loss times first (the same draw from gen as after the sweep: the sweep draws nothing),
+                # so that the VJPs hand over the base velocity there and the loss needs no base forward
                 idx, w = am.loss_times(cfg.steps, cfg.n_loss_times, gen)
+                with amp():   # the VJPs run in low precision; ã itself is accumulated in x's float32
+                    adj, v_base = am.lean_adjoint(base, ro, a1, cfg.scheme, idx)
+                tc = time.perf_counter()
                 ft.train()
                 # mean over micro-batches; the average over processes follows in average_gradients
                 loss, kl = am.backward_loss(ft, base, ro, adj, idx, w, cfg.loss_chunk, 1.0 / cfg.grad_accum,
-                                            backward, amp)
+                                            backward, amp, v_base)
                 x1 = ro.xs[-1]
             else:  # the other losses: one batch of end points (or paths), then their regression
                 with amp():
@@ -496,6 +576,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
             kls.append(kl)
             x1s.append(x1)
             gs.append(g_val)
+            thresholds.append((getattr(g_i, "eta", None), getattr(g_i, "tail", None)))
         t2 = time.perf_counter()
         dist.average_gradients(params)
         if scaler is not None:
@@ -506,8 +587,15 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         with torch.no_grad():
             g_all = torch.cat(gs)
             r_cond = cond if conds is None else _stack_prompts([conds[pick[i]] for i in mine], [micro] * len(mine))
-            r = raw_reward(x1, r_cond) if raw_reward is not reward else g_all
+            if raw_reward is reward:
+                r = g_all
+            else:   # a one-argument reward r(x) is accepted as well
+                r = raw_reward(x1) if r_cond is None else raw_reward(x1, r_cond)
         local["diversity"] = mean_pairwise_distance(x1[:256])
+        if all(e is not None and t is not None for e, t in thresholds):
+            # fraction of each micro-batch beyond its threshold: β at the optimum (F'(η*) = 0)
+            local["tail_fraction"] = sum(tail_fraction(r_j, e, t) for r_j, (e, t) in
+                                         zip(r.split(micro), thresholds)) / len(thresholds)
         reduced = dist.mean(local)
         # fp16: an inf gradient with a finite loss is the loss scale overflowing; the scaler skips the
         # step and lowers the scale, which is routine, not a failure
@@ -536,6 +624,7 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
                   "pseudo_reward_mean": float(rg[:, 1].mean()),
                   **({"eta": [float(g_prompt[p].eta) for p in pick]} if per_prompt else
                      {"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
+                  **({"tail_fraction": reduced["tail_fraction"]} if "tail_fraction" in reduced else {}),
                   "diversity": reduced["diversity"], "nonfinite_skipped": nonfinite_total,
                   "time_rollout": t_roll, "time_adjoint": t_adj, "time_loss": t3 - t0 - t_roll - t_adj,
                   **({"prompts": pick} if conds is not None else {}),
@@ -564,5 +653,6 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         ckpt.write_json(run / "metrics.json", {
             "final": record, "time_stage1": t_stage1,
             "stage1": None if stage1 is None else _stage1_record(stage1)})
+    restore_text()
     dist.barrier()   # the run folder is complete before any process returns
     return ft

@@ -126,7 +126,7 @@ class GFTConfig:
     checkpoint_every: int = 250
     max_nonfinite: int = 5           # stop after this many steps in a row skipped for a NaN/inf loss or gradient
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"             # "auto": the model's accelerator, else the GPU if any, else the CPU
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -434,12 +434,14 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     taus = _validate(cfg)
     if resume and out is None:
         raise ValueError("resume=True needs out, the run folder to resume from")
-    target = check_target_samples(target_samples, model.shape)
+    # batches are drawn on the host and moved (draw_batch), like the pretrained pool: keep the target there too
+    target = check_target_samples(target_samples, model.shape).cpu()
     if cfg.coupling != "independent":
         _import_ot(cfg.coupling)
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
-    dev = dist.device(cfg.device)
+    dev = dist.device(cfg.device, model)
+    cfg.device = dist.device_name(dev)   # the run folder records the device it ran on
     total = len(taus) * cfg.steps_per_stage
 
     pretrained = model.copy().to(dev).eval()

@@ -64,7 +64,7 @@ class PretrainConfig:
     ema: float = 0.999                 # decay of the weight average the returned model uses
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"             # "auto": a ready network's accelerator, else the GPU if any, else the CPU
     checkpoint_every: int = 500
     lr_warmup: int = 0                 # steps of linear learning-rate warm-up from 0
     max_nonfinite: int = 5             # stop after this many steps in a row skipped for a NaN/inf loss or gradient
@@ -324,7 +324,7 @@ def _update_ema(ema: FlowModel, model: FlowModel, decay: float, step: int):
 
 def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3,
              hidden=None, path="rectified", coupling: str = "independent",
-             ema: float = 0.999, grad_clip: float = 1.0, seed: int = 0, device="cpu", out=None,
+             ema: float = 0.999, grad_clip: float = 1.0, seed: int = 0, device="auto", out=None,
              resume: bool = False, progress: bool = True, checkpoint_every: int = 500,
              lr_warmup: int = 0, grad_accum: int = 1, max_nonfinite: int = 5, cond=None,
              model="mlp") -> FlowModel:
@@ -367,7 +367,8 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
         _import_ot()
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     main = rank == 0
-    dev = dist.device(cfg.device)
+    dev = dist.device(cfg.device, model if isinstance(model, nn.Module) else None)
+    cfg.device = dist.device_name(dev)   # the run folder records the device it ran on
     # a ready network (e.g. the digits U-Net) may take data of any shape (n, *dims)
     source = _Data(data, cond, cfg.seed, images=isinstance(model, nn.Module))
 

@@ -68,11 +68,12 @@ class EnergyConfig:
     lr_final: float | None = None   # cosine decay to this value (None: constant)
     network: str = "mlp"            # control network: "mlp" or "egnn" (particles: equivariant, hidden = (width,) * layers)
     hidden: tuple = (128, 128)
-    grad_clip: float = 1.0
-    energy_grad_clip: float | None = 100.0   # max norm of ∇E per sample (the paper clips scores too)
+    grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
+    energy_grad_clip: float | None = 100.0   # max norm of ∇E per sample (Adjoint Sampling's max_grad_E_norm);
+    #                                          None or 0: no clipping
     checkpoint_every: int = 20      # epochs between checkpoints of a run folder (out=)
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"            # "auto": the GPU when there is one, else the CPU
 
 
 class EnergySampler:
@@ -171,16 +172,24 @@ def make_control(prior: FlowModel, energy, cfg: EnergyConfig) -> FlowModel:
 
 
 def _energy_grad(energy, x, clip):
+    """∇E(x) (batch, dim), each row's norm clipped to `clip` (None or 0: not clipped), and E(x) (batch,).
+    A non-finite force is an error: zeroing it would train the sampler on a wrong target."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         e = energy(x)
         if e.shape != (x.shape[0],):
             raise ValueError(f"energy must return shape ({x.shape[0]},), got {tuple(e.shape)}")
         (g,) = torch.autograd.grad(e.sum(), x)
-    g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    if clip is not None:
-        norm = g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        g = g * (clip / norm).clamp(max=1.0)
+    bad = ~torch.isfinite(g).all(1)
+    if bad.any():
+        name = getattr(energy, "name", type(energy).__name__)
+        raise FloatingPointError(
+            f"the force ∇E of energy {name!r} is NaN or inf at {int(bad.sum())} of {len(g)} sampler end points "
+            f"(E there: {e.detach()[bad][:3].tolist()}); e.g. two particles nearly on top of each other. "
+            "Lower lr or raise prior_scale so the sampler stays where E is finite, or evaluate E in float64")
+    if clip:
+        norm = torch.linalg.vector_norm(g.double(), dim=1, keepdim=True).clamp_min(1e-12)   # float64: no overflow
+        g = g * (clip / norm).clamp(max=1.0).to(g.dtype)
     return g, e.detach()
 
 
@@ -210,6 +219,11 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
         v = getattr(cfg, name)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
+    for name in ("grad_clip", "energy_grad_clip"):
+        v = getattr(cfg, name)
+        if not (v is None and name == "energy_grad_clip") and (
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
+            raise ValueError(f"{name} must be a non-negative finite number (0 disables clipping), got {v!r}")
     if cfg.network not in ("mlp", "egnn"):
         raise ValueError(f"network must be 'mlp' or 'egnn', got {cfg.network!r}")
     if not cfg.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in cfg.hidden):
@@ -222,6 +236,7 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
     main = rank == 0
     roll = dist.shard_sizes(cfg.samples_per_epoch, shards)     # rollout paths of each shard
     device = dist.device(cfg.device)
+    cfg.device = dist.device_name(device)   # the run folder records the device it ran on
     prior = gaussian_prior(dim, cfg.prior_scale).to(device).eval()
     prior.requires_grad_(False)
     ft = make_control(prior, energy, cfg)
@@ -286,7 +301,7 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
             for i in mine:
                 gen = gens[i]
                 xb, ab = buffer.sample(micro, gen)
-                t = (1 + torch.randint(cfg.steps - 1, (micro,), generator=gen)).to(xb) / cfg.steps
+                t = (1 + torch.randint(cfg.steps - 1, (micro,), generator=gen, device=device)).to(xb) / cfg.steps
                 eps = torch.randn(xb.shape, generator=gen, device=device)
                 if project is not None:
                     eps = project(eps)
@@ -299,7 +314,8 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
                 for p in params:
                     p.grad = torch.full_like(p, float("nan"))
             dist.average_gradients(params)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")     # 0: no clipping
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
             if not math.isfinite(gnorm):
                 raise FloatingPointError(f"non-finite loss at epoch {epoch}; lower lr or clip ∇E")
             opt.step()

@@ -30,8 +30,18 @@ define p_base in the tilt p* ∝ p_base exp(r/λ); with w > 1 the "base" is the 
 is not the velocity of any diffusion path, and the tilt is relative to that sampler.
 
 LoRA (`add_lora`, `save_lora`, `load_lora`) goes through peft on the wrapped diffusers model;
-finetune(..., lora_rank=r) adds one to its copy and trains only it (or add_lora on the base and
-finetune(..., init="copy", trainable=lora_trainable)).
+finetune(..., lora_rank=r) adds one to a copy whose frozen weights are the caller's own tensors
+(FlowModel.copy(share_weights=True): one copy of the network in memory) and trains only it (or
+add_lora on the base and finetune(..., init="copy", trainable=lora_trainable)). The LoRA weights
+are float32 whatever the network's dtype (peft casts the layer input to them and the output back),
+so Adam and an fp16 GradScaler update float32 weights over a bf16/fp16 frozen base. Default targets
+follow diffusers' recipes: SD3 (train_dreambooth_lora_sd3.py) the image- and text-stream attention
+projections `SD3_TARGETS`; the U-Net the attention projections `DEFAULT_TARGETS`.
+
+Time grid: SD3Velocity.default_grid is the scheduler's shifted σ grid, which FlowModel.sample and
+finetune use by default (grid="uniform" asks for the uniform one); the U-Net keeps the uniform grid.
+Only SD1.5/SD2-family U-Nets are supported: SDXL's (addition_embed_type "text_time", which need
+text_embeds and time_ids besides the prompt embeddings) are refused at load.
 """
 
 from __future__ import annotations
@@ -46,7 +56,10 @@ from torch import nn
 from ..paths import DiscreteVP
 
 LORA_FORMAT = "tiltflow.LoRA/1"
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")          # U-Net: attention projections
+# SD3: diffusers' train_dreambooth_lora_sd3.py default: both streams of the joint attention
+SD3_TARGETS = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+               "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
 
 
 def _require():
@@ -86,6 +99,7 @@ class _DiffusersVelocity(nn.Module):
     """Shared plumbing: cond handling, guidance, dtype at the boundary, LoRA bookkeeping."""
 
     cond_keys: tuple = ("encoder_hidden_states",)
+    lora_targets: tuple = DEFAULT_TARGETS   # add_lora's default target modules
 
     def __init__(self, model: nn.Module, guidance_scale: float = 1.0):
         super().__init__()
@@ -95,6 +109,13 @@ class _DiffusersVelocity(nn.Module):
         self.guidance_scale = float(guidance_scale)
         self.lora = None    # {"rank", "alpha", "target_modules"} once add_lora ran
         self.prompt_encoder = None   # PromptEncoder: strings as cond (not weights; shared by copies)
+
+    def weight_dtype(self) -> torch.dtype:
+        """The network's own dtype (its first non-LoRA weight; LoRA weights are float32)."""
+        for n, p in self.model.named_parameters():
+            if "lora_" not in n:
+                return p.dtype
+        return torch.get_default_dtype()
 
     @property
     def shape(self) -> tuple:
@@ -139,7 +160,7 @@ class _DiffusersVelocity(nn.Module):
     def _output(self, x, timestep, cond) -> torch.Tensor:
         """The network's own prediction f in its dtype; guidance applied. x: (batch, *shape)."""
         pos, neg = self._cond(cond, x.shape[0], x.device)
-        dt = next(self.model.parameters()).dtype
+        dt = self.weight_dtype()
         # the timestep stays in x's precision, as in the pipelines (bf16 would round 999 to 1000)
         if neg is None:
             return self._call(x.to(dt), timestep, {k: v.to(x.device, dt) for k, v in pos.items()})
@@ -153,7 +174,7 @@ class _DiffusersVelocity(nn.Module):
                              f"got {tuple(x.shape)}")
 
     def _base_config(self) -> dict:
-        dt = str(next(self.model.parameters()).dtype).replace("torch.", "")
+        dt = str(self.weight_dtype()).replace("torch.", "")
         return {"class": type(self).__name__, "model_class": type(self.model).__name__,
                 "model": _jsonable(self.model.config),
                 "guidance_scale": self.guidance_scale, "dtype": dt, "lora": self.lora}
@@ -167,6 +188,7 @@ class SD3Velocity(_DiffusersVelocity):
     """
 
     cond_keys = ("encoder_hidden_states", "pooled_projections")
+    lora_targets = SD3_TARGETS
 
     def __init__(self, transformer: nn.Module, num_train_timesteps: int = 1000, shift: float = 1.0,
                  guidance_scale: float = 1.0):
@@ -202,6 +224,10 @@ class SD3Velocity(_DiffusersVelocity):
         grid = 1.0 - torch.cat([s, torch.zeros(1, dtype=torch.float64)])
         return grid.to(dtype=torch.get_default_dtype(), device=device)
 
+    def default_grid(self, steps: int, device=None) -> torch.Tensor:
+        """FlowModel's grid="auto": the scheduler's grid (shift 3: small steps near the noise end)."""
+        return self.scheduler_grid(steps, device)
+
 
 class UNetVelocity(_DiffusersVelocity):
     """An SD1.5-family U-Net (ε- or v-prediction) on its discrete VP schedule as a velocity.
@@ -212,6 +238,7 @@ class UNetVelocity(_DiffusersVelocity):
     def __init__(self, unet: nn.Module, path: DiscreteVP, prediction_type: str = "epsilon",
                  guidance_scale: float = 1.0):
         super().__init__(unet, guidance_scale)
+        _check_unet(unet)
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         if not isinstance(path, DiscreteVP):
@@ -237,6 +264,21 @@ class UNetVelocity(_DiffusersVelocity):
 
     def forward(self, x, t, cond=None):
         return self.path.noise_to_velocity(self.noise_prediction(x, t, cond), x, t)
+
+
+def _check_unet(unet):
+    """Refuse U-Nets whose forward needs more than (x, timestep, encoder_hidden_states)."""
+    cfg = unet.config
+    extra = {k: cfg.get(k) for k in ("addition_embed_type", "class_embed_type", "num_class_embeds")
+             if cfg.get(k) is not None}
+    if not extra:
+        return
+    what = ("an SDXL-family U-Net (addition_embed_type='text_time': its forward needs added_cond_kwargs "
+            "text_embeds and time_ids)" if cfg.get("addition_embed_type") == "text_time" else
+            f"a U-Net with extra conditioning {extra} (its forward needs added_cond_kwargs or class_labels)")
+    raise ValueError(f"{what} is not supported. Supported: SD3-family SD3Transformer2DModel with "
+                     "FlowMatchEulerDiscreteScheduler, and SD1.5/SD2-family UNet2DConditionModel conditioned "
+                     "on encoder_hidden_states alone (no addition_embed_type or class embedding)")
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -287,7 +329,10 @@ def from_diffusers(path_or_pipeline, dtype=None, guidance_scale: float = 1.0, sh
     tokenizers and text encoders are loaded — never the VAE (image_rewards.Decoded loads it where a
     reward needs pixels). A pipeline's own network is wrapped, not copied (dtype converts it in place).
     The text encoders become the adapter's frozen PromptEncoder, so cond= and finetune's prompts=
-    may be strings (each encoded once); they are not part of the saved weights.
+    may be strings (each encoded once); they are not part of the saved weights, and finetune moves
+    them to the CPU while it trains (PromptEncoder.release).
+    Refused with a ValueError: SDXL-family U-Nets (addition_embed_type "text_time") and other U-Nets
+    needing added_cond_kwargs or class labels; SD3 schedulers with dynamic shifting.
     gradient_checkpointing: recompute the network's activations in backward (less memory).
     """
     _require()
@@ -399,23 +444,67 @@ class PromptEncoder:
     (FlowModel.copy, finetune) share it, and FlowModel.save does not write it. Rows are cached
     per (prompt, guidance): the pipelines pad every prompt to a fixed length, so a row does not
     depend on the other prompts of its batch.
+    `release()` moves the text encoders (SD3: two CLIPs and T5-XXL, ~10 GB in bf16) to the CPU;
+    a prompt not yet cached is then encoded on their former device (moved there for the call
+    and back). finetune releases them once the prompts are encoded and `restore()`s them when
+    it returns.
     """
+
+    ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
     def __init__(self, pipe):
         if getattr(pipe, "text_encoder", None) is None or getattr(pipe, "tokenizer", None) is None:
             raise ValueError(f"pipeline {type(pipe).__name__} has no text encoder and tokenizer to encode prompts")
         self.pipe = pipe
         self._rows: dict = {}
+        self._home = None      # while released: {encoder name: the device it was moved off}
 
     def __deepcopy__(self, memo):
         return self
+
+    def _encoders(self) -> dict:
+        encs = {k: getattr(self.pipe, k, None) for k in self.ENCODERS}
+        return {k: m for k, m in encs.items() if isinstance(m, nn.Module)}
+
+    @property
+    def released(self) -> bool:
+        return self._home is not None
+
+    def release(self):
+        """Move the text encoders to the CPU (no-op if released); cached prompts need no encoder."""
+        if self._home is not None:
+            return
+        encs = self._encoders()
+        self._home = {k: next(m.parameters()).device for k, m in encs.items() if any(True for _ in m.parameters())}
+        for k in self._home:
+            encs[k].to("cpu")
+        if any(d.type == "cuda" for d in self._home.values()):
+            torch.cuda.empty_cache()
+
+    def restore(self):
+        """Move released text encoders back to their former devices."""
+        home, self._home = self._home, None
+        encs = self._encoders()
+        for k, d in (home or {}).items():
+            encs[k].to(d)
+
+    def _encode(self, prompts, guidance):
+        if self._home is None:
+            return encode_prompts(self.pipe, prompts, guidance=guidance)
+        home = self._home
+        self.restore()                      # on their former device for this call, then off again
+        try:
+            dev = next(iter(home.values()), None)
+            return encode_prompts(self.pipe, prompts, guidance=guidance, device=dev)
+        finally:
+            self.release()
 
     def __call__(self, prompts, guidance: bool = False, device=None) -> dict:
         """prompts: str or list of n str -> {embedding keys: (n, ...), "prompt": n strings}."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         new = list(dict.fromkeys(p for p in prompts if (p, guidance) not in self._rows))
         if new:
-            out = encode_prompts(self.pipe, new, guidance=guidance)
+            out = self._encode(new, guidance)
             for j, p in enumerate(new):
                 self._rows[(p, guidance)] = {k: v[j:j + 1] for k, v in out.items() if torch.is_tensor(v)}
         rows = [self._rows[(p, guidance)] for p in prompts]
@@ -428,6 +517,16 @@ def set_prompt_encoder(model, pipe):
     """Attach `pipe`'s text encoders to a diffusers FlowModel so cond and prompts may be strings."""
     _adapter(model).prompt_encoder = None if pipe is None else PromptEncoder(pipe)
     return model
+
+
+def release_text_encoders(model):
+    """Move `model`'s prompt encoder's text encoders off the accelerator (PromptEncoder.release);
+    returns a function that moves them back (a no-op where there is nothing to release)."""
+    pe = getattr(getattr(model, "net", model), "prompt_encoder", None)
+    if pe is None or pe.released:
+        return lambda: None
+    pe.release()
+    return pe.restore
 
 
 def encode_text(model, c):
@@ -453,10 +552,13 @@ def lora_trainable(name: str, p: torch.nn.Parameter) -> bool:
     return "lora_" in name
 
 
-def add_lora(model, rank: int = 4, alpha: float | None = None, target_modules=DEFAULT_TARGETS):
+def add_lora(model, rank: int = 4, alpha: float | None = None, target_modules=None):
     """Attach a peft LoRA (rank, α = rank by default, target module names) to the adapter's network.
 
-    The LoRA up-projections start at zero, so the model's outputs are unchanged; every non-LoRA
+    target_modules None: the adapter's default (SD3: `SD3_TARGETS`, both attention streams as in
+    diffusers' SD3 LoRA recipe; U-Net: `DEFAULT_TARGETS`). The LoRA up-projections start at zero,
+    so the model's outputs are unchanged; the LoRA weights are float32 whatever the network's dtype
+    (an fp16 LoRA loses Adam's updates and cannot be unscaled by a GradScaler); every non-LoRA
     weight is frozen (requires_grad False). Returns `model`.
     """
     _require()
@@ -467,9 +569,11 @@ def add_lora(model, rank: int = 4, alpha: float | None = None, target_modules=DE
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
-    targets = [str(m) for m in target_modules]
+    targets = [str(m) for m in (net.lora_targets if target_modules is None else target_modules)]
     net.model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True))
     for n, p in net.named_parameters():
+        if lora_trainable(n, p) and p.dtype != torch.float32:
+            p.data = p.data.float()     # peft made it in the base's dtype
         p.requires_grad_(lora_trainable(n, p))
     net.lora = {"rank": rank, "alpha": alpha, "target_modules": targets}
     return model

@@ -111,12 +111,27 @@ class FlowModel(nn.Module):
         """x0 ~ N(0, I): (n, *shape)."""
         return torch.randn((n, *self.shape), generator=generator, device=device or self.device)
 
+    def time_grid(self, steps: int, grid: str = "auto", device=None) -> torch.Tensor:
+        """The integration grid (steps + 1,), increasing from t = 0 (noise) to t = 1 (data).
+
+        grid "auto": the network's own grid where it has one (`net.default_grid(steps, device)`;
+        SD3: the scheduler's shifted σ grid, as the pipeline samples), uniform otherwise;
+        "uniform": uniform for every network.
+        """
+        _check_positive_int("steps", steps)
+        if grid not in ("auto", "uniform"):
+            raise ValueError(f"grid must be 'auto' (the network's own grid, else uniform) or 'uniform', got {grid!r}")
+        own = getattr(self.net, "default_grid", None) if grid == "auto" else None
+        return own(steps, device=device) if callable(own) else integrators.time_grid(steps, device=device)
+
     @torch.no_grad()
     def sample(self, n: int, steps: int = 100, sde: bool = False, cond=None, seed: int | None = None,
                generator: torch.Generator | None = None, method: str = "heun",
-               return_trajectory: bool = False):
+               return_trajectory: bool = False, grid: str = "auto"):
         """Draw n samples: ODE (`method` euler/midpoint/heun) or the memoryless SDE (`sde=True`).
 
+        grid: "auto" (the network's own time grid, e.g. SD3's shifted one; uniform for networks
+        without one) or "uniform" (see `time_grid`).
         Returns (n, *shape), or (trajectory (steps + 1, n, *shape), grid) with return_trajectory.
         """
         _check_positive_int("n", n)
@@ -124,18 +139,18 @@ class FlowModel(nn.Module):
         if generator is None:
             generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
         x = self.prior(n, generator)
-        grid = integrators.time_grid(steps, device=x.device)
+        grid = self.time_grid(steps, grid, device=x.device)
         if sde:
             return integrators.memoryless_solve(self.path, self._v(cond), x, grid, generator,
                                                 return_trajectory=return_trajectory)
         return integrators.ode_solve(self._v(cond), x, grid, method, return_trajectory)
 
     def log_prob(self, x: torch.Tensor, steps: int = 100, cond=None, exact: bool | None = None,
-                 n_samples: int = 1, seed: int = 0) -> torch.Tensor:
+                 n_samples: int = 1, seed: int = 0, grid: str = "auto") -> torch.Tensor:
         """log p_1(x) by the instantaneous change of variables; x: (n, *shape) -> (n,).
 
         exact=None uses the exact divergence when the data has at most 16 dimensions and
-        Hutchinson's estimator (n_samples Rademacher probes) otherwise.
+        Hutchinson's estimator (n_samples Rademacher probes) otherwise. grid: as in `sample`.
         """
         _check_positive_int("steps", steps)
         if not isinstance(x, torch.Tensor):
@@ -147,7 +162,7 @@ class FlowModel(nn.Module):
         if exact is None:
             exact = x[0].numel() <= 16
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        grid = integrators.time_grid(steps, device=x.device)
+        grid = self.time_grid(steps, grid, device=x.device)
         return integrators.log_prob(self._v(cond), x, grid, exact, n_samples, gen)
 
     # --- I/O ---------------------------------------------------------------------------------
@@ -195,6 +210,16 @@ class FlowModel(nn.Module):
         self.load_state_dict(state, strict=True)
         return self
 
-    def copy(self) -> "FlowModel":
-        """An independent deep copy (fine-tuning never modifies its base)."""
-        return copy.deepcopy(self)
+    def copy(self, share_weights: bool = False) -> "FlowModel":
+        """An independent deep copy (fine-tuning never modifies its base).
+
+        share_weights=True: new modules whose parameters and buffers are frozen views of this
+        model's tensors (requires_grad False, no new storage). Moving the copy (`.to`) or adding
+        modules to it (a LoRA) leaves this model alone; writing into a shared tensor in place
+        changes both. finetune builds its frozen base and a LoRA run's network this way.
+        """
+        if not share_weights:
+            return copy.deepcopy(self)
+        memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in self.parameters()}
+        memo.update({id(b): b.detach() for b in self.buffers()})
+        return copy.deepcopy(self, memo)

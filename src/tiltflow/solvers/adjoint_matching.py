@@ -16,6 +16,8 @@ One iteration (paper Alg. 1, "lean adjoint matching"):
  3. regress (paper eq. 39)
         L = Σ_{t_i ∈ S} ‖ (2/σ(t_i)) (v_ft − v_base)(X_i, t_i) + σ(t_i) ã_i ‖²,
     whose minimiser is v_ft = v_base − σ² ã / 2. The control u = (b_ft − b_base)/σ = 2Δv/σ.
+    The times S are drawn before step 2, whose VJPs evaluate v_base(X_i, t_i) anyway and hand it
+    over at S: the loss adds only the fine-tuned forward and backward (no second base forward).
 
 Choices, each documented where it is made: the loss is summed over data dimensions and averaged
 over trajectories and the chosen times; t = 0 (σ = ∞) and t = 1 (end point) never enter the loss;
@@ -73,23 +75,57 @@ def terminal_adjoint(reward: Callable, x1: torch.Tensor, lam: float, cond=None):
     return -g / lam, r.detach()
 
 
-def lean_adjoint(base: FlowModel, ro: Rollout, a1: torch.Tensor, scheme: str = "exponential") -> torch.Tensor:
+def lean_adjoint(base: FlowModel, ro: Rollout, a1: torch.Tensor, scheme: str = "exponential",
+                 idx: torch.Tensor | None = None):
     """Backward pass ã_i = (∂X_{i+1}/∂X_i)ᵀ ã_{i+1} through the base step map; returns (steps+1, batch, *dims).
 
     The noise is additive, so the step map's Jacobian does not depend on it (noise=None).
+    idx (k,): loss times (loss_times); then returns (ã, v_base) with v_base (k, batch, *dims) the
+    base velocity v_base(X_i, t_i), i ∈ idx, that the VJP of step i evaluates anyway: the loss
+    reuses it instead of a second base forward (only the k rows are kept, so memory does not grow
+    with steps). Gradient checkpointing of the base network is off during the sweep: each VJP
+    backpropagates right after its forward, so recomputing the forward would only cost time.
     """
-    grid, xs = ro.grid, ro.xs
+    xs = ro.xs
+    ts = ro.grid.tolist()                 # python floats: no device sync per step
     adj = torch.empty_like(xs)
     adj[-1] = a1
     a = a1
-    v = lambda x, t: base.velocity(x, t, ro.cond)  # noqa: E731
-    for i in range(len(grid) - 2, -1, -1):
-        with torch.enable_grad():
-            x = xs[i].detach().requires_grad_(True)
-            out = integrators.memoryless_step(base.path, v, x, float(grid[i]), float(grid[i + 1]), None, scheme)
-            (a,) = torch.autograd.grad(out, x, grad_outputs=a)
-        adj[i] = a
-    return adj
+    rows = {} if idx is None else {i: j for j, i in enumerate(idx.tolist())}
+    kept = {}
+
+    def v(x, t):
+        out = base.velocity(x, t, ro.cond)
+        if i in rows and rows[i] not in kept:
+            kept[rows[i]] = out.detach()
+        return out
+
+    with _no_checkpointing(base):
+        for i in range(len(ts) - 2, -1, -1):
+            with torch.enable_grad():
+                x = xs[i].detach().requires_grad_(True)
+                out = integrators.memoryless_step(base.path, v, x, ts[i], ts[i + 1], None, scheme)
+                (a,) = torch.autograd.grad(out, x, grad_outputs=a)
+            adj[i] = a
+    if idx is None:
+        return adj
+    if len(kept) != len(rows):
+        raise ValueError(f"loss times must be grid indices in [0, {len(ts) - 2}], got {sorted(rows)}")
+    return adj, torch.stack([kept[j] for j in range(len(rows))])
+
+
+@contextlib.contextmanager
+def _no_checkpointing(model: torch.nn.Module):
+    """Gradient checkpointing off inside the block (diffusers and transformers modules read their
+    `gradient_checkpointing` flag at every forward), back on after it."""
+    on = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    for m in on:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in on:
+            m.gradient_checkpointing = True
 
 
 def loss_times(steps: int, n: int | None, generator: torch.Generator, last_fraction: float = 0.5):
@@ -99,25 +135,30 @@ def loss_times(steps: int, n: int | None, generator: torch.Generator, last_fract
     plus a uniform sample of the rest, reweighted by (#rest / #sampled) so the KL estimate stays
     unbiased.
     """
-    interior = torch.arange(1, steps)
+    dev = generator.device if generator is not None else None   # the data's device: idx indexes the states
+    interior = torch.arange(1, steps, device=dev)
     if n is None or n >= len(interior):
-        return interior, torch.ones(len(interior))
+        return interior, torch.ones(len(interior), device=dev)
     k_last = min(max(1, int(round(n * last_fraction))), n)
     last, rest = interior[-k_last:], interior[:-k_last]
     k_rest = n - k_last
-    pick = rest[torch.randperm(len(rest), generator=generator)[:k_rest]].sort().values
+    pick = rest[torch.randperm(len(rest), generator=generator, device=dev)[:k_rest]].sort().values
     idx = torch.cat([pick, last])
-    w = torch.cat([torch.full((k_rest,), len(rest) / max(k_rest, 1)), torch.ones(k_last)])
+    w = torch.cat([torch.full((k_rest,), len(rest) / max(k_rest, 1), device=dev), torch.ones(k_last, device=dev)])
     return idx, w
 
 
 def adjoint_matching_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torch.Tensor,
-                          idx: torch.Tensor, weights: torch.Tensor):
+                          idx: torch.Tensor, weights: torch.Tensor, v_base: torch.Tensor | None = None):
     """The lean adjoint matching loss and the path KL estimate.
 
-    L = mean over batch and S of ‖(2/σ_i)(v_ft − v_base)(X_i, t_i) + σ_i ã_i‖² (sum over dims).
-    KL(P_ft ‖ P_base) = E ∫ ½‖u‖² dt with u = 2Δv/σ, estimated on S with `weights` and step h.
-    Returns (loss with grad, kl float).
+    L = mean over batch and S of w_i ‖(2/σ_i)(v_ft − v_base)(X_i, t_i) + σ_i ã_i‖² (sum over dims),
+    w_i = steps · h_i with h_i = t_{i+1} − t_i the step the control at t_i acts on: the sum over
+    times is the quadrature Σ h_i f(t_i) of ∫ f dt on any grid (w_i = 1 on a uniform grid; on
+    SD3's shifted grid the last interior time, σ ≈ 0.1, would otherwise weigh as much as a whole step).
+    KL(P_ft ‖ P_base) = E ∫ ½‖u‖² dt with u = 2Δv/σ, estimated on S with `weights` and steps h_i.
+    v_base: (k, batch, *dims) the base velocity at the k times idx, as lean_adjoint(..., idx) returns
+    it (None: one base forward here). Returns (loss with grad, kl float).
     """
     grid = ro.grid
     B = ro.xs.shape[1]
@@ -126,22 +167,25 @@ def adjoint_matching_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torc
     tt = t.repeat_interleave(B)
     cond = _repeat_cond(ro.cond, len(idx))
     sigma = ft.path.sigma(tt).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    with torch.no_grad():
-        v_base = base.velocity(x, tt, cond)
-    dv = ft.velocity(x, tt, cond) - v_base
+    if v_base is None:
+        with torch.no_grad():
+            v_base = base.velocity(x, tt, cond)
+    dv = ft.velocity(x, tt, cond) - v_base.reshape(x.shape)
     a = adj[idx].reshape_as(x)
     res = (2.0 / sigma) * dv + sigma * a
-    loss = res.pow(2).reshape(len(idx), B, -1).sum(-1).mean()
+    h = grid[1:] - grid[:-1]                                          # (steps,), step i: [t_i, t_{i+1}]
+    w = (h[idx] * len(h)).to(res.dtype)                               # (k,)
+    loss = (res.pow(2).reshape(len(idx), B, -1).sum(-1) * w[:, None]).mean()
     with torch.no_grad():
         u2 = (2.0 * dv / sigma).pow(2).reshape(len(idx), B, -1).sum(-1).mean(1)   # (k,)
-        h = grid[1:] - grid[:-1]
-        kl = float((0.5 * u2 * weights.to(u2) * h[idx - 1].to(u2)).sum())
+        kl = float((0.5 * u2 * weights.to(u2) * h[idx].to(u2)).sum())
     return loss, kl
 
 
 def backward_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torch.Tensor, idx: torch.Tensor,
                   weights: torch.Tensor, chunk: int | None = None, scale: float = 1.0,
-                  backward: Callable = torch.Tensor.backward, autocast: Callable = contextlib.nullcontext):
+                  backward: Callable = torch.Tensor.backward, autocast: Callable = contextlib.nullcontext,
+                  v_base: torch.Tensor | None = None):
     """Backpropagate scale · L (adjoint_matching_loss) in chunks of `chunk` loss times; returns (L, kl) floats.
 
     L is a mean over the k·B (time, trajectory) pairs, so with chunks S_c of k_c times
@@ -149,7 +193,8 @@ def backward_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torch.Tensor
     and gradients accumulated chunk by chunk equal the one-pass gradient up to rounding, while only
     one chunk's activations (k_c·B rows of the fine-tuned net) are alive at a time.
     chunk=None: one pass. backward(loss) replaces loss.backward() (e.g. a GradScaler's scale);
-    autocast: a context manager factory wrapping the forward passes (mixed precision).
+    autocast: a context manager factory wrapping the forward passes (mixed precision);
+    v_base: (k, batch, *dims) base velocities at idx (lean_adjoint(..., idx)), None: computed here.
     """
     k = len(idx)
     chunk = k if chunk is None else chunk
@@ -157,7 +202,8 @@ def backward_loss(ft: FlowModel, base: FlowModel, ro: Rollout, adj: torch.Tensor
     for s in range(0, k, chunk):
         sl = slice(s, min(s + chunk, k))
         with autocast():
-            loss_c, kl_c = adjoint_matching_loss(ft, base, ro, adj, idx[sl], weights[sl])
+            loss_c, kl_c = adjoint_matching_loss(ft, base, ro, adj, idx[sl], weights[sl],
+                                                 None if v_base is None else v_base[sl])
         backward(loss_c * (scale * (sl.stop - sl.start) / k))
         total += float(loss_c.detach()) * (sl.stop - sl.start) / k
         kl += kl_c

@@ -45,9 +45,7 @@ class CMCD:
         x = xs[:-1].reshape(steps * B, *xs.shape[2:]).to(dt)
         tt = s.to(dt).repeat_interleave(B)
         coef = [ft.path.exponential_coefficients(float(grid[i]), float(grid[i + 1])) for i in range(steps)]
-        decay = torch.tensor([c[0] for c in coef], dtype=torch.float64)
-        w = torch.tensor([c[1] for c in coef], dtype=torch.float64)
-        std = torch.tensor([c[2] for c in coef], dtype=torch.float64)
+        decay, w, std = torch.tensor(coef, dtype=torch.float64, device=xs.device).T   # (steps,) each
         cond_r = cond.repeat(steps, *([1] * (cond.ndim - 1))) if torch.is_tensor(cond) else cond
         with torch.no_grad():
             v_b = base.velocity(x, tt, cond_r).to(torch.float64).reshape(steps, B, -1)

@@ -96,7 +96,7 @@ class NETS:
         """k interior grid indices and the states there: (x (k·B, *dims), t (k·B,), k)."""
         steps, B = len(batch.grid) - 1, batch.xs.shape[1]
         k = min(n_times or self.n_times, steps - 1)
-        idx = 1 + torch.randperm(steps - 1, generator=generator)[:k]
+        idx = 1 + torch.randperm(steps - 1, generator=generator, device=batch.xs.device)[:k]
         x = batch.xs[idx].reshape(k * B, *batch.xs.shape[2:]).to(torch.get_default_dtype())
         t = batch.grid[idx].to(torch.get_default_dtype()).repeat_interleave(B)
         return x, t, k
@@ -120,12 +120,12 @@ class NETS:
         sampling law (prefer estimators.jarzynski for an unbiased estimate)."""
         from .. import estimators
         gen = torch.Generator(device=ft.device).manual_seed(seed)
-        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+        grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64, device=ft.device)
         xs, _ = estimators.path_rollout(ft, n, grid, gen, cond)
         means = []
         for i in range(1, steps):
             x = xs[i].to(torch.get_default_dtype())
-            t = torch.full((n,), float(grid[i]))
+            t = torch.full((n,), float(grid[i]), device=ft.device)
             with torch.enable_grad():
                 means.append(float(self.residual(ft, base, x, t, reward, lam, cond, gen).detach().mean()))
         # interior midpoints: the end intervals reuse their neighbour's value

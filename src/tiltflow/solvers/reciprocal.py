@@ -66,9 +66,10 @@ def loss_time_values(grid: torch.Tensor, n_times: int | None, batch: int, genera
     every end point. Returns t (k·B,) and the index of the end point of each row (k·B,)."""
     interior = grid[1:-1]
     if n_times is not None and n_times < len(interior):
-        interior = interior[torch.randperm(len(interior), generator=generator)[:n_times]]
+        interior = interior[torch.randperm(len(interior), generator=generator, device=grid.device)[:n_times]]
     k = len(interior)
-    return interior.repeat_interleave(batch).to(torch.get_default_dtype()), torch.arange(batch).repeat(k)
+    return (interior.repeat_interleave(batch).to(torch.get_default_dtype()),
+            torch.arange(batch, device=grid.device).repeat(k))
 
 
 def control_regression(ft: FlowModel, base: FlowModel, x_t: torch.Tensor, t: torch.Tensor,

@@ -81,7 +81,7 @@ def load(split: str = "all", test_fraction: float = 0.2, seed: int = 0):
 
 def dequantize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """x + U(−½, ½)·(2/16): spreads each grey level over its bin (x: (n, 1, 8, 8))."""
-    return x + (torch.rand(x.shape, generator=generator) - 0.5) * GREY_STEP
+    return x + (torch.rand(x.shape, generator=generator, device=x.device) - 0.5) * GREY_STEP
 
 
 def one_hot(labels) -> torch.Tensor:
@@ -323,7 +323,7 @@ class RewardEntropy:
 # --- models ----------------------------------------------------------------------------------
 
 def pretrain_base(steps: int = 1500, *, channels=(16, 32), batch_size: int = 128, lr: float = 2e-3,
-                  copies: int = 4, seed: int = 0, device="cpu", out=None, resume: bool = False,
+                  copies: int = 4, seed: int = 0, device="auto", out=None, resume: bool = False,
                   progress: bool = True, **kwargs) -> FlowModel:
     """Pretrain the class-conditional U-Net flow on the train split (tilt.pretrain with a ready
     SmallUNetVelocity and one-hot cond). kwargs: other pretrain options (ema, lr_warmup, ...)."""

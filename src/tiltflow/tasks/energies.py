@@ -1,4 +1,4 @@
-"""Energies E(x) for sampling exp(−E): 2-D Gaussian mixture (40 modes), many-well, DW-4, LJ-13.
+"""Energies E(x) for sampling exp(−E): 2-D Gaussian mixture (40 modes), many-well, DW-4, LJ-13, LJ-55.
 
 Each energy is a callable E(x) -> (batch,) for x: (batch, dim), with `dim`, `log_Z` (None when
 unknown) and, for particle systems, `n_particles`, `spatial_dim` and `project` (remove the centre
@@ -7,14 +7,17 @@ mean-free subspace, where samplers must live). `sample(n, generator)` draws exac
 they exist (Gaussian mixture, many-well); DW-4 and LJ-13 reference samples come from long MCMC
 (benchmarks/energy_reference.py), never downloaded.
 
-Conventions follow the samplers literature (FAB, DEM, Adjoint Sampling): GMM-40 means uniform in
-[−40, 40]² from a fixed seed with unit variances (FAB uses softplus-scaled variances ≈ 1.3);
-many-well = d/2 copies of the double well log p(x1, x2) = −x1⁴ + 6x1² + ½x1 − ½x2²; DW-4 and
-LJ-13 are the energies of DEM and Adjoint Sampling (bgflow's potentials as those papers' code
+Conventions follow the samplers literature (FAB, DEM, Adjoint Sampling): GMM-40 is FAB's instance,
+which DEM uses too, mode for mode: after torch.manual_seed(0), means (rand(40, 2) − 0.5)·2·40 in
+float32 and std softplus(1) = 1.3133 in every coordinate (fab-torch's GMM with loc_scaling=40,
+log_var_scaling=1); we draw the same numbers from a local generator seeded 0, so the global random
+stream is untouched. Many-well = d/2 copies of the double well log p(x1, x2) = −x1⁴ + 6x1² + ½x1 −
+½x2²; DW-4 and LJ-13 are the energies of DEM and Adjoint Sampling (bgflow's potentials as those papers' code
 calls them): DW-4 = Σ_{i<j} 0.9(d_ij − 4)⁴ − 4(d_ij − 4)², i.e. Köhler et al.'s (1/2τ) Σ_{i≠j}
 with a = 0, b = −4, c = 0.9, d0 = 4, τ = 1; LJ-13 = ε Σ_{i≠j} [(r_m/d)¹² − 2(r_m/d)⁶] (ordered
 pairs, so twice the sum over i < j; FAB's LJ-13 is half of this) with ε = r_m = τ = 1, plus DEM's
-harmonic term ½Σ‖x_i − x̄‖².
+harmonic term ½Σ‖x_i − x̄‖², with no cut-off or floor at short range (the samplers clip forces
+instead: EnergyConfig.energy_grad_clip, as Adjoint Sampling's max_grad_E_norm).
 """
 
 from __future__ import annotations
@@ -33,11 +36,14 @@ def mean_free(n_particles: int, spatial_dim: int):
 
 
 class GaussianMixtureEnergy:
-    """E(x) = −log Σ_k π_k N(x; μ_k, s² I): normalised, log Z = 0, exact samples."""
+    """E(x) = −log Σ_k π_k N(x; μ_k, s² I) with equal weights π_k = 1/K: normalised, log Z = 0, exact
+    samples. The defaults are FAB's GMM-40 (means uniform in [−40, 40]², s = softplus(1))."""
 
-    def __init__(self, n_modes: int = 40, dim: int = 2, loc_scale: float = 40.0, std: float = 1.0, seed: int = 0):
+    def __init__(self, n_modes: int = 40, dim: int = 2, loc_scale: float = 40.0,
+                 std: float = math.log1p(math.e), seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.means = (torch.rand(n_modes, dim, generator=g, dtype=torch.float64) * 2 - 1) * loc_scale
+        # fab-torch: torch.manual_seed(seed); (torch.rand((n_mixes, dim)) − 0.5)·2·loc_scaling, in float32
+        self.means = ((torch.rand(n_modes, dim, generator=g) - 0.5) * 2 * loc_scale).double()
         self.std, self.dim, self.log_Z = float(std), dim, 0.0
         self.name = f"gmm{n_modes}"
 
@@ -48,8 +54,10 @@ class GaussianMixtureEnergy:
         return -logp
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        k = torch.randint(len(self.means), (n,), generator=generator)
-        return (self.means[k] + self.std * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)).float()
+        dev = None if generator is None else generator.device     # drawn on the generator's device
+        k = torch.randint(len(self.means), (n,), generator=generator, device=dev)
+        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64, device=dev)
+        return (self.means.to(dev)[k] + self.std * eps).float()
 
 
 class ManyWell:
@@ -78,9 +86,11 @@ class ManyWell:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         m = self.dim // 2
-        u = torch.rand(n * m, generator=generator, dtype=torch.float64) * self._cdf[-1]
-        x1 = self._grid[torch.searchsorted(self._cdf, u).clamp(max=len(self._grid) - 1)].reshape(n, m)
-        x2 = torch.randn(n, m, generator=generator, dtype=torch.float64)
+        dev = None if generator is None else generator.device     # drawn on the generator's device
+        grid, cdf = self._grid.to(dev), self._cdf.to(dev)
+        u = torch.rand(n * m, generator=generator, dtype=torch.float64, device=dev) * cdf[-1]
+        x1 = grid[torch.searchsorted(cdf, u).clamp(max=len(grid) - 1)].reshape(n, m)
+        x2 = torch.randn(n, m, generator=generator, dtype=torch.float64, device=dev)
         return torch.stack([x1, x2], -1).reshape(n, self.dim).float()
 
 
@@ -111,10 +121,12 @@ class DoubleWellParticles:
 
 class LennardJones:
     """LJ-13: E = (ε/τ) Σ_{i≠j} [(r_m/d)¹² − 2(r_m/d)⁶] + ½ Σ_i ‖x_i − x̄‖², 13 particles in 3-D
-    (ordered pairs as in DEM and Adjoint Sampling: the pair minimum is −2ε).
+    (ordered pairs as in DEM and Adjoint Sampling: the pair minimum is −2ε at d = r_m).
 
-    Distances are floored at 0.5 r_m inside the repulsion (E there is already ≈ 4·10⁶) so that a
-    bad sample gives a large finite energy instead of inf.
+    The plain potential, as DEM's and Adjoint Sampling's code computes it: smooth for d > 0 and
+    repulsive all the way in (a pair at d = r_m/2 adds 2ε(2¹² − 2·2⁶) = 7936ε, at d = r_m/10 about
+    2·10¹²ε). In float32 the force 24ε r_m¹²/d¹³ overflows below d ≈ 1.4·10⁻³ r_m (E itself below
+    6.5·10⁻⁴ r_m); sample_energy then raises rather than train on a non-finite force.
     """
 
     def __init__(self, n_particles: int = 13, spatial_dim: int = 3, eps: float = 1.0, rm: float = 1.0,
@@ -124,7 +136,7 @@ class LennardJones:
         self.project, self.log_Z, self.name = mean_free(n_particles, spatial_dim), None, f"lj{n_particles}"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        d = _pair_distances(x, self.n_particles, self.spatial_dim).clamp_min(0.5 * self.rm)
+        d = _pair_distances(x, self.n_particles, self.spatial_dim)
         q = (self.rm / d) ** 6
         lj = (2 * self.eps / self.tau) * (q**2 - 2 * q).sum(1)       # Σ_{i≠j} = 2 Σ_{i<j}
         y = x.reshape(x.shape[0], self.n_particles, self.spatial_dim)
@@ -142,13 +154,15 @@ SAMPLER_DEFAULTS = {
     "dw4": dict(prior_scale=2.0),
     "lj13": dict(prior_scale=1.0, energy_grad_clip=100.0, network="egnn", hidden=(32, 32, 32), samples_per_epoch=64,
                  batch_size=128, lr_final=1e-4),      # the MLP fails on LJ-13 (benchmarks/energies.py)
+    "lj55": dict(prior_scale=1.0, energy_grad_clip=100.0, network="egnn", hidden=(32, 32, 32), samples_per_epoch=64,
+                 batch_size=128, lr_final=1e-4),      # LJ-13's settings, not tuned (no CPU-sized run)
 }
 
 
 def get_energy(name: str):
-    """'gmm40', 'manywell' (32-D), 'dw4', 'lj13'."""
+    """'gmm40', 'manywell' (32-D), 'dw4', 'lj13', 'lj55' (DEM's LJ-55: the same potential, 55 particles)."""
     table = {"gmm40": GaussianMixtureEnergy, "manywell": ManyWell, "dw4": DoubleWellParticles,
-             "lj13": LennardJones}
+             "lj13": LennardJones, "lj55": lambda: LennardJones(n_particles=55)}
     if name not in table:
         raise ValueError(f"energy must be one of {sorted(table)}, got {name!r}")
     return table[name]()

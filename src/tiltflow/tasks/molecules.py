@@ -352,8 +352,9 @@ class ConformerTask:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n conformers drawn with replacement: (n, atoms * 3)."""
-        idx = torch.randint(len(self.coords), (n,), generator=generator)
-        return self.data[idx]
+        dev = None if generator is None else generator.device     # drawn on the generator's device
+        idx = torch.randint(len(self.coords), (n,), generator=generator, device=dev)
+        return self.data.to(dev)[idx]
 
     def _coords(self, x) -> torch.Tensor:
         return _flat_coords(x, self.n_atoms).detach().to("cpu", torch.float64).reshape(-1, self.n_atoms, 3)

@@ -23,6 +23,11 @@ def _check_n(n: int) -> int:
     return n
 
 
+def _device(generator: torch.Generator | None):
+    """Samplers draw on their generator's device (the CPU without one)."""
+    return None if generator is None else generator.device
+
+
 def _check_lam(lam: float) -> float:
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 < lam < math.inf:
         raise ValueError(f"lam must be a positive finite number, got {lam!r}")
@@ -138,11 +143,12 @@ class GaussianMixture:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw n samples; returns (n, d) float32."""
         _check_n(n)
-        k = torch.multinomial(self._w, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        dev = _device(generator)
+        k = torch.multinomial(self._w.to(dev), n, replacement=True, generator=generator)
+        z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64, device=dev)
         # L_k z for every k is cheaper than gathering n Cholesky factors when K is small
-        lz = torch.einsum("kij,nj->nki", self._chol, z)  # (n, K, d)
-        x = self._mu[k] + lz[torch.arange(n), k]
+        lz = torch.einsum("kij,nj->nki", self._chol.to(dev), z)  # (n, K, d)
+        x = self._mu.to(dev)[k] + lz[torch.arange(n, device=dev), k]
         return x.float()
 
     def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,13 +159,14 @@ class GaussianMixture:
             raise ValueError(f"x must have shape (n, {self.dim}), got shape {tuple(x.shape)}")
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or inf")
-        diff = x.to(torch.float64)[None] - self._mu[:, None]  # (K, n, d)
+        mu, chol, w = (v.to(x.device) for v in (self._mu, self._chol, self._w))
+        diff = x.to(torch.float64)[None] - mu[:, None]  # (K, n, d)
         # Mahalanobis distance via L_k⁻¹(x − μ_k)
-        z = torch.linalg.solve_triangular(self._chol, diff.transpose(1, 2), upper=False)
+        z = torch.linalg.solve_triangular(chol, diff.transpose(1, 2), upper=False)
         maha = (z**2).sum(dim=1)  # (K, n)
-        half_logdet = torch.log(torch.diagonal(self._chol, dim1=1, dim2=2)).sum(dim=1)  # (K,)
+        half_logdet = torch.log(torch.diagonal(chol, dim1=1, dim2=2)).sum(dim=1)  # (K,)
         log_n = -0.5 * maha - half_logdet[:, None] - 0.5 * self.dim * _LOG_2PI
-        return (torch.log(self._w)[:, None] + log_n).T
+        return (torch.log(w)[:, None] + log_n).T
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """log p(x). x: (n, d); returns (n,) in the floating dtype of x (float32 otherwise)."""
@@ -255,13 +262,14 @@ class TwoMoons:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Returns (n, 2) float32."""
         _check_n(n)
-        t = math.pi * torch.rand(n, generator=generator)
-        upper = torch.randint(0, 2, (n,), generator=generator).bool()
+        dev = _device(generator)
+        t = math.pi * torch.rand(n, generator=generator, device=dev)
+        upper = torch.randint(0, 2, (n,), generator=generator, device=dev).bool()
         # upper moon (cos t, sin t); lower moon (1 − cos t, ½ − sin t)
         x = torch.where(upper, torch.cos(t), 1.0 - torch.cos(t))
         y = torch.where(upper, torch.sin(t), 0.5 - torch.sin(t))
-        pts = torch.stack([x, y], dim=1) + self.noise * torch.randn(n, 2, generator=generator)
-        return 2.0 * (pts - torch.tensor([0.5, 0.25]))
+        pts = torch.stack([x, y], dim=1) + self.noise * torch.randn(n, 2, generator=generator, device=dev)
+        return 2.0 * (pts - torch.tensor([0.5, 0.25], device=dev))
 
 
 class Checkerboard:
@@ -277,9 +285,10 @@ class Checkerboard:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Returns (n, 2) float32."""
         _check_n(n)
-        col = torch.randint(0, 4, (n,), generator=generator)
-        row = 2 * torch.randint(0, 2, (n,), generator=generator) + col % 2  # same parity as col
-        u = torch.rand(n, 2, generator=generator)
+        dev = _device(generator)
+        col = torch.randint(0, 4, (n,), generator=generator, device=dev)
+        row = 2 * torch.randint(0, 2, (n,), generator=generator, device=dev) + col % 2  # same parity as col
+        u = torch.rand(n, 2, generator=generator, device=dev)
         return torch.stack([col, row], dim=1).float() - 2.0 + u
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,7 +300,7 @@ class Checkerboard:
         inside = ((x >= -2.0) & (x <= 2.0)).all(dim=1)
         cell = torch.floor(x + 2.0).long().clamp(0, 3)
         filled = inside & ((cell.sum(dim=1) % 2) == 0)
-        out = torch.full((x.shape[0],), -math.inf, dtype=dtype)
+        out = torch.full((x.shape[0],), -math.inf, dtype=dtype, device=x.device)
         out[filled] = -math.log(8.0)
         return out
 
@@ -316,9 +325,10 @@ class Rings:
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Returns (n, 2) float32."""
         _check_n(n)
-        which = torch.randint(0, len(self.radii), (n,), generator=generator)
-        rho = torch.tensor(self.radii)[which] + self.noise * torch.randn(n, generator=generator)
-        phi = 2.0 * math.pi * torch.rand(n, generator=generator)
+        dev = _device(generator)
+        which = torch.randint(0, len(self.radii), (n,), generator=generator, device=dev)
+        rho = torch.tensor(self.radii, device=dev)[which] + self.noise * torch.randn(n, generator=generator, device=dev)
+        phi = 2.0 * math.pi * torch.rand(n, generator=generator, device=dev)
         return torch.stack([rho * torch.cos(phi), rho * torch.sin(phi)], dim=1)
 
 
