@@ -23,11 +23,13 @@ per run, with the reward's contours where there is one).
 
     python benchmarks/fdc_utilities.py            # full (~6-10 min, one thread)
     python benchmarks/fdc_utilities.py --quick    # smoke test (~1 min)
+    python benchmarks/fdc_utilities.py --only mean_variance_renyi   # one run, its row replaced in the JSON
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -98,6 +100,8 @@ def runs(base, reward):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", nargs="+", metavar="RUN", help="run only these (names as in runs()); their rows "
+                   "replace the same rows of an existing results JSON of the same mode, the others are kept")
     args = p.parse_args(argv)
     _common.setup_torch(1)
     inner = dict(iters=200, batch_size=256, steps=20, lr=2e-3, residual_hidden=(64, 64), seed=0)
@@ -106,7 +110,13 @@ def main(argv=None):
     base, reward = base_model(), tilt.rewards.Linear([1.0, 1.0])
     x_base = base.sample(2000, steps=50, seed=7)
     table, rows = {}, []
-    for name, utility, divergence, lam, K, step in runs(base, reward):
+    todo = runs(base, reward)
+    if args.only:
+        unknown = set(args.only) - {r[0] for r in todo}
+        if unknown:
+            p.error(f"unknown run(s) {sorted(unknown)}; choose from {[r[0] for r in todo]}")
+        todo = [r for r in todo if r[0] in args.only]
+    for name, utility, divergence, lam, K, step in todo:
         if args.quick:
             K = min(K, 2)
         t0 = time.perf_counter()
@@ -163,6 +173,11 @@ def main(argv=None):
     if "cvar_left" in table:
         c = table["cvar_left"]
         print(f"left CVaR_0.1 of r: FDC {c['fdc_cvar_left_10']:.3f}, one-shot TFFT {c['tfft_one_shot']['cvar_left_10']:.3f}")
+    old = _common.RESULTS / f"{NAME}.json"
+    if args.only and old.is_file():
+        prev = json.loads(old.read_text())
+        if prev.get("quick") == args.quick and prev.get("inner") == json.loads(json.dumps(inner)):
+            table = {**prev["runs"], **table}
     _common.write_json(NAME, {"question": __doc__.splitlines()[0], "inner": inner, "quick": args.quick,
                               "runs": table})
 

@@ -103,7 +103,10 @@ class Renyi:
     is estimated once per outer iteration on the samples of p_k (cached while the same samples
     tensor is passed). (α − 1)·log(p/q) − log Z is clipped at ±`max_log_weight` (the FDC code
     clips at ±3, our default: at ±5 the 2-D mean-variance benchmark hit a non-finite loss) so that
-    a few far-out points cannot dominate.
+    a few far-out points cannot dominate. For α < 1 the gradient is that of the clipped value (0
+    above the cap): the unclipped reward λ·α/(1 − α)·w is unbounded where p_k ≪ p_pre, and the
+    FDC code's capped weight times the full ∇log(p/q) is an outward force growing with ‖x‖ (it
+    ran the mean-variance + Rényi-½ benchmark away to KL 6·10⁹ at outer step 2).
     """
 
     needs_samples = True
@@ -137,7 +140,15 @@ class Renyi:
         lw = ((self.alpha - 1) * log_ratio(model, reference, x, self.steps) - log_z)
         w = lw.clamp(-self.max_log_weight, self.max_log_weight).exp()
         grad = model_score(model, x.detach(), self.eps) - model_score(reference, x.detach(), self.eps)
-        grad = self.alpha * w.reshape(-1, *([1] * (x.ndim - 1))) * grad
+        # α < 1: −λ·δD = λ·α/(1 − α)·w grows without bound where p_k ≪ p_pre (w ∝ (p_pre/p_k)^{1−α},
+        # e.g. exp(c·r²) past a mean-variance tilt), so exp(γ·g_k) is not normalisable. Above the cap
+        # the reward is the constant λ·α/(1 − α)·e^cap, so its gradient there is 0 (the FDC code keeps
+        # α·e^cap·∇log(p/q): an outward force growing with ‖x‖ that ran the inner runs away).
+        if self.alpha < 1:
+            w_grad = torch.where(lw > self.max_log_weight, torch.zeros_like(w), w)
+        else:      # α > 1: the reward −λ·α/(α − 1)·w is bounded above; the capped force restores
+            w_grad = w
+        grad = self.alpha * w_grad.reshape(-1, *([1] * (x.ndim - 1))).to(grad) * grad
         return value_with_grad(x, self.alpha / (self.alpha - 1) * w, grad)
 
     def __repr__(self) -> str:
