@@ -128,44 +128,49 @@ def memoryless_solve(path: AffinePath, v: Velocity, x: torch.Tensor, grid: torch
 # --- divergence and log-likelihood ----------------------------------------------------------------
 
 def divergence(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, exact: bool = True,
-               n_samples: int = 1, generator: torch.Generator | None = None):
+               n_samples: int = 1, generator: torch.Generator | None = None, create_graph: bool = False):
     """Return (f(x), div f(x)) with div: (batch,).
 
     exact: sum of ∂f_i/∂x_i by one autograd pass per dimension (use for small dims);
     otherwise Hutchinson's estimator E_ε[εᵀ (∂f/∂x) ε] with Rademacher ε, `n_samples` probes.
+    create_graph: keep both outputs differentiable in x (e.g. ∇_x log p); default detached.
     """
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
+        if not (create_graph and x.requires_grad):
+            x = x.detach().requires_grad_(True)
         fx = f(x)
         flat_f, flat_x_dim = fx.reshape(x.shape[0], -1), x[0].numel()
         div = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         if exact:
             for i in range(flat_x_dim):
-                g = torch.autograd.grad(flat_f[:, i].sum(), x, retain_graph=True)[0]
+                g = torch.autograd.grad(flat_f[:, i].sum(), x, retain_graph=True, create_graph=create_graph)[0]
                 div = div + g.reshape(x.shape[0], -1)[:, i]
         else:
             for _ in range(n_samples):
                 eps = torch.randint(0, 2, x.shape, generator=generator, device=x.device).to(x.dtype) * 2 - 1
-                g = torch.autograd.grad((fx * eps).sum(), x, retain_graph=True)[0]
+                g = torch.autograd.grad((fx * eps).sum(), x, retain_graph=True, create_graph=create_graph)[0]
                 div = div + (g * eps).reshape(x.shape[0], -1).sum(1) / n_samples
-    return fx.detach(), div.detach()
+    return (fx, div) if create_graph else (fx.detach(), div.detach())
 
 
 def log_prob(v: Velocity, x1: torch.Tensor, grid: torch.Tensor, exact: bool = True,
-             n_samples: int = 1, generator: torch.Generator | None = None) -> torch.Tensor:
+             n_samples: int = 1, generator: torch.Generator | None = None,
+             create_graph: bool = False) -> torch.Tensor:
     """log p_1(x1) of the flow dx/dt = v by the instantaneous change of variables.
 
     d/dt log p_t(x_t) = −div v(x_t, t), so log p_1(x1) = log N(x0; 0, I) − ∫_0^1 div v dt, with
     the ODE integrated backward from t = 1 (Heun for both x and the integral).
     x1: (batch, *dims); grid: increasing (steps + 1,); returns (batch,).
+    create_graph: the result stays differentiable in x1 (∇_x log p by autograd); default detached.
     """
-    x, acc = x1.detach(), torch.zeros(x1.shape[0], dtype=x1.dtype, device=x1.device)
+    x = x1 if create_graph else x1.detach()
+    acc = torch.zeros(x1.shape[0], dtype=x1.dtype, device=x1.device)
     rev = grid.flip(0)
     for i in range(len(rev) - 1):
         s, t = rev[i], rev[i + 1]
         h = t - s  # negative
-        k1, d1 = divergence(lambda z: v(z, _tvec(s, z)), x, exact, n_samples, generator)
-        k2, d2 = divergence(lambda z: v(z, _tvec(t, z)), x + h * k1, exact, n_samples, generator)
+        k1, d1 = divergence(lambda z: v(z, _tvec(s, z)), x, exact, n_samples, generator, create_graph)
+        k2, d2 = divergence(lambda z: v(z, _tvec(t, z)), x + h * k1, exact, n_samples, generator, create_graph)
         x = x + 0.5 * h * (k1 + k2)
         acc = acc + 0.5 * h * (d1 + d2)  # ∫_1^0 div v dt = −∫_0^1 div v dt
     d = x[0].numel()

@@ -143,47 +143,14 @@ def _memoised(memo: dict, kind: str, x: torch.Tensor, fn):
     return val
 
 
-def _ode_log_prob(model: FlowModel, x: torch.Tensor, steps: int) -> torch.Tensor:
-    """log p_1(x) of the model's ODE law, differentiable in x: (batch, *dims) -> (batch,).
-
-    The instantaneous change of variables (integrators.log_prob) backward from t = 1 with
-    Heun steps, its divergence exact (one pass per dimension) up to 16 dimensions, else
-    Hutchinson with fixed Rademacher probes, all kept in the autograd graph.
-    """
-    grid = model.time_grid(steps, device=x.device).to(x.dtype).flip(0)
-    d = x[0].numel()
-    probe = None
-    if d > 16:
-        gen = torch.Generator(device=x.device).manual_seed(0)
-        probe = torch.randint(0, 2, x.shape, generator=gen, device=x.device).to(x.dtype) * 2 - 1
-
-    def v_div(z, t):
-        out = model.velocity(z, t)
-        if probe is None:
-            div = sum(torch.autograd.grad(out.reshape(z.shape[0], -1)[:, i].sum(), z, create_graph=True)[0]
-                      .reshape(z.shape[0], -1)[:, i] for i in range(d))
-        else:
-            jvp = torch.autograd.grad((out * probe).sum(), z, create_graph=True)[0]
-            div = (jvp * probe).reshape(z.shape[0], -1).sum(1)
-        return out, div
-
-    z, acc = x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-    for i in range(len(grid) - 1):
-        s, t = grid[i], grid[i + 1]
-        h = t - s                                             # negative: backward in time
-        k1, d1 = v_div(z, s)
-        k2, d2 = v_div(z + h * k1, t)
-        z, acc = z + 0.5 * h * (k1 + k2), acc + 0.5 * h * (d1 + d2)
-    return -0.5 * z.reshape(z.shape[0], -1).pow(2).sum(1) - 0.5 * d * math.log(2 * math.pi) + acc
-
-
 class _ModelDensity:
     """p_k in first variations, closed loop: the current model itself (the linearisation is at
     the iterate the last inner run actually produced, so a run that fell short of its tilt is
     corrected by the next one).
 
     score(x): ∇log p_k(x). score_steps > 0: the gradient of the model's own ODE log-likelihood
-    (_ode_log_prob, 2·score_steps velocity calls and their derivatives per call, whatever k);
+    (FlowModel.log_prob(..., create_graph=True), 2·score_steps velocity calls and their derivatives
+    per call, whatever k);
     score_steps = 0: the velocity read-out at t = 1 − eps (utilities.model_score, one call).
     The read-out is right only for a well-trained model: after one full Adjoint Matching run
     (2-D Gaussian, 20 steps, 150 iterations) it was within 2 % at t = 0.95, the last trained
@@ -204,7 +171,7 @@ class _ModelDensity:
         def compute(x):
             with torch.enable_grad():
                 xx = x.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(_ode_log_prob(self.model, xx, self.score_steps).sum(), xx)
+                (grad,) = torch.autograd.grad(self.model.log_prob(xx, steps=self.score_steps, create_graph=True).sum(), xx)
             return grad.detach()
         return _memoised(self._memo, "score", x.detach(), compute)
 

@@ -70,7 +70,7 @@ from .. import distributed as dist
 from ..metrics import mean_pairwise_distance, reward_summary
 from ..models.flow_model import FlowModel, ResidualVelocity
 from ..models.mlp import MLPVelocity
-from ..objectives import ExpectedReward, _rewards_of, tail_fraction
+from ..objectives import ExpectedReward, _call_reward, _rewards_of, tail_fraction
 from ..solvers import adjoint_matching as am
 from ..solvers import get_solver
 
@@ -587,10 +587,8 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
         with torch.no_grad():
             g_all = torch.cat(gs)
             r_cond = cond if conds is None else _stack_prompts([conds[pick[i]] for i in mine], [micro] * len(mine))
-            if raw_reward is reward:
-                r = g_all
-            else:   # a one-argument reward r(x) is accepted as well
-                r = raw_reward(x1) if r_cond is None else raw_reward(x1, r_cond)
+            # (objectives' r(x) or r(x, cond) call: a one-argument reward is accepted as well)
+            r = g_all if raw_reward is reward else _call_reward(raw_reward, x1, r_cond)
         local["diversity"] = mean_pairwise_distance(x1[:256])
         if all(e is not None and t is not None for e, t in thresholds):
             # fraction of each micro-batch beyond its threshold: β at the optimum (F'(η*) = 0)

@@ -146,11 +146,12 @@ class FlowModel(nn.Module):
         return integrators.ode_solve(self._v(cond), x, grid, method, return_trajectory)
 
     def log_prob(self, x: torch.Tensor, steps: int = 100, cond=None, exact: bool | None = None,
-                 n_samples: int = 1, seed: int = 0, grid: str = "auto") -> torch.Tensor:
+                 n_samples: int = 1, seed: int = 0, grid: str = "auto", create_graph: bool = False) -> torch.Tensor:
         """log p_1(x) by the instantaneous change of variables; x: (n, *shape) -> (n,).
 
         exact=None uses the exact divergence when the data has at most 16 dimensions and
         Hutchinson's estimator (n_samples Rademacher probes) otherwise. grid: as in `sample`.
+        create_graph: the result stays differentiable in x (∇_x log p by autograd; default detached).
         """
         _check_positive_int("steps", steps)
         if not isinstance(x, torch.Tensor):
@@ -163,7 +164,7 @@ class FlowModel(nn.Module):
             exact = x[0].numel() <= 16
         gen = torch.Generator(device=x.device).manual_seed(seed)
         grid = self.time_grid(steps, grid, device=x.device)
-        return integrators.log_prob(self._v(cond), x, grid, exact, n_samples, gen)
+        return integrators.log_prob(self._v(cond), x, grid, exact, n_samples, gen, create_graph)
 
     # --- I/O ---------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
