@@ -95,6 +95,17 @@ class KL:
         return f"KL(eps={self.eps:g})"
 
 
+def _cached(cache: list, key: tuple, compute):
+    """compute(), remembered by the identity of the objects in `key` for the last 8 keys (one per
+    FDC outer iteration: its utility and divergence ask again for the same samples)."""
+    for k, val in cache:
+        if len(k) == len(key) and all(a is b for a, b in zip(k, key)):
+            return val
+    val = compute()
+    cache[:] = [*cache[-7:], (key, val)]
+    return val
+
+
 class Renyi:
     """Rényi divergence of order α ≠ 1: D_α(p‖q) = log E_p[(p/q)^{α−1}] / (α − 1).
 
@@ -121,13 +132,10 @@ class Renyi:
         self._cache = []
 
     def _log_z(self, samples: Tensor, model, reference) -> float:
-        for s, m, log_z in self._cache:
-            if s is samples and m is model:
-                return log_z
-        lr = log_ratio(model, reference, samples, self.steps).double()
-        log_z = float(torch.logsumexp((self.alpha - 1) * lr, 0) - math.log(lr.numel()))
-        self._cache = [*self._cache[-7:], (samples, model, log_z)]   # one per outer iteration
-        return log_z
+        def compute():
+            lr = log_ratio(model, reference, samples, self.steps).double()
+            return float(torch.logsumexp((self.alpha - 1) * lr, 0) - math.log(lr.numel()))
+        return _cached(self._cache, (samples, model), compute)
 
     def value(self, samples: Tensor, model, reference, reference_samples=None) -> float:
         lr = log_ratio(model, reference, samples, self.steps).double()
@@ -182,18 +190,15 @@ class OT:
         """(optimal cost, reference points (m, d), their potentials v (m,)) for these samples."""
         import ot  # POT: imported here so that the rest of tiltflow does not need it
 
-        for s, sol in self._cache:
-            if s is samples:
-                return sol
-        x = samples[: self.n].detach().reshape(min(self.n, samples.shape[0]), -1).double().cpu()
-        y = reference_samples[: self.n].detach().reshape(min(self.n, reference_samples.shape[0]), -1).double().cpu()
-        a = np.full(x.shape[0], 1.0 / x.shape[0])
-        b = np.full(y.shape[0], 1.0 / y.shape[0])
-        M = self._cost(x, y).numpy()
-        plan, log = ot.emd(a, b, M, log=True)
-        sol = (float(log["cost"]), y, torch.as_tensor(log["v"]))
-        self._cache = [*self._cache[-7:], (samples, sol)]   # one per outer iteration
-        return sol
+        def compute():
+            x = samples[: self.n].detach().reshape(min(self.n, samples.shape[0]), -1).double().cpu()
+            y = reference_samples[: self.n].detach().reshape(min(self.n, reference_samples.shape[0]), -1).double().cpu()
+            a = np.full(x.shape[0], 1.0 / x.shape[0])
+            b = np.full(y.shape[0], 1.0 / y.shape[0])
+            M = self._cost(x, y).numpy()
+            plan, log = ot.emd(a, b, M, log=True)
+            return float(log["cost"]), y, torch.as_tensor(log["v"])
+        return _cached(self._cache, (samples,), compute)
 
     def value(self, samples: Tensor, model=None, reference=None, reference_samples=None) -> float:
         if not isinstance(reference_samples, Tensor):
