@@ -121,7 +121,7 @@ def run(cfg: Config) -> dict:
     _common.setup_torch(1)
     task = tilt.toy2d.get_task("mixture")
     t0 = time.perf_counter()
-    base = tilt.pretrain(task, steps=cfg.pretrain_steps, hidden=cfg.hidden, seed=cfg.seed, progress=False)
+    base = tilt.pretrain(task, iters=cfg.pretrain_steps, hidden=cfg.hidden, seed=cfg.seed, progress=False)
     pretrain_s = time.perf_counter() - t0
     base.requires_grad_(False)
     reward = tilt.rewards.Linear(list(cfg.a))

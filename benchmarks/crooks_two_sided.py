@@ -62,7 +62,7 @@ def samplers(E, cfg: Config) -> dict:
     three = tilt.FlowModel(tilt.GaussianMixtureVelocity(
         [1.0, 1.0, 1.0], E.means[:3].float(), 1.2**2 * torch.eye(2).expand(3, 2, 2).clone()))
     t0 = time.perf_counter()
-    trained = tilt.sample_energy(E, 2, prior_scale=4.0, epochs=cfg.train_epochs, batches_per_epoch=10,
+    trained = tilt.sample_energy(E, 2, prior_scale=4.0, iters=cfg.train_epochs * 10, iters_per_rollout=10,
                                  lr=2e-3, progress=False, seed=cfg.seed).model
     print(f"trained sampler: {time.perf_counter() - t0:.1f} s")
     return {"three-mode": three, "prior": gaussian_prior(2, 4.0), "trained": trained}

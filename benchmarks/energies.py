@@ -47,16 +47,16 @@ from tiltflow.methods.sample_energy import sample_energy  # noqa: E402
 from tiltflow.tasks.energies import get_energy  # noqa: E402
 
 # row -> (energy, sample_energy settings, rollouts (epochs), rollouts with --quick)
-EGNN = dict(network="egnn", hidden=(32, 32, 32), batches_per_epoch=20)
+EGNN = dict(network="egnn", hidden=(32, 32, 32), iters_per_rollout=20)
 SETTINGS = {
-    "gmm40": ("gmm40", dict(prior_scale=25.0, energy_grad_clip=100.0, batches_per_epoch=20, lr=1e-3), 600, 20),
-    "manywell": ("manywell", dict(prior_scale=1.0, batches_per_epoch=20, lr=1e-3), 600, 20),
-    "dw4": ("dw4", dict(prior_scale=2.0, samples_per_epoch=128, batch_size=128, lr=3e-3, lr_final=3e-4, **EGNN),
+    "gmm40": ("gmm40", dict(prior_scale=25.0, energy_grad_clip=100.0, iters_per_rollout=20, lr=1e-3), 600, 20),
+    "manywell": ("manywell", dict(prior_scale=1.0, iters_per_rollout=20, lr=1e-3), 600, 20),
+    "dw4": ("dw4", dict(prior_scale=2.0, samples_per_rollout=128, batch_size=128, lr=3e-3, lr_final=3e-4, **EGNN),
             200, 2),
-    "dw4_mlp": ("dw4", dict(prior_scale=2.0, batches_per_epoch=20, lr=1e-3), 600, 20),
-    "lj13": ("lj13", dict(prior_scale=1.0, energy_grad_clip=100.0, samples_per_epoch=64, batch_size=128, lr=1e-3,
+    "dw4_mlp": ("dw4", dict(prior_scale=2.0, iters_per_rollout=20, lr=1e-3), 600, 20),
+    "lj13": ("lj13", dict(prior_scale=1.0, energy_grad_clip=100.0, samples_per_rollout=64, batch_size=128, lr=1e-3,
                           lr_final=1e-4, **EGNN), 250, 2),
-    "lj13_mlp": ("lj13", dict(prior_scale=1.0, energy_grad_clip=100.0, batches_per_epoch=20, lr=1e-3), 600, 20),
+    "lj13_mlp": ("lj13", dict(prior_scale=1.0, energy_grad_clip=100.0, iters_per_rollout=20, lr=1e-3), 600, 20),
 }
 
 
@@ -96,7 +96,7 @@ def run(row, quick):
         print(f"skip {row}: run benchmarks/energy_reference.py first")
         return None, None
     t0, c0 = time.perf_counter(), time.process_time()
-    s = sample_energy(E, E.dim, epochs=epochs, progress=False, **kw)
+    s = sample_energy(E, E.dim, iters=epochs * kw.get("iters_per_rollout", 20), progress=False, **kw)
     train, train_cpu = time.perf_counter() - t0, time.process_time() - c0   # CPU time: the machine may be shared
     n = 2000 if hasattr(E, "distances") else 4000      # the EGNN's rollouts dominate the cost for particles
     n = 500 if quick else n
@@ -106,7 +106,7 @@ def run(row, quick):
     rec = {"energy": name, "network": s.config.network, "train_s": train, "train_cpu_s": train_cpu, "epochs": epochs,
            "n_eval": n,
            "load_average_1min_at_end": os.getloadavg()[0],
-           "gradient_steps": epochs * s.config.batches_per_epoch, "energy_w1": w_1d(ex, er, 1),
+           "gradient_steps": s.config.iters, "energy_w1": w_1d(ex, er, 1),
            "energy_w2": w_1d(ex, er, 2), "energy_median_sample": float(np.median(ex)),
            "energy_median_ref": float(np.median(er)), "ess_fraction": pw.ess_fraction, "log_Z_est": pw.log_Z,
            "log_Z_true": E.log_Z}

@@ -63,7 +63,7 @@ def run(cfg: Config) -> dict:
     pre_times, model = [], None
     for r in range(cfg.pretrain_repeats + 1):           # the first run is a warm-up
         t0 = time.perf_counter()
-        model = tilt.pretrain(task, steps=cfg.pretrain_steps, batch_size=cfg.batch_size,
+        model = tilt.pretrain(task, iters=cfg.pretrain_steps, batch_size=cfg.batch_size,
                               hidden=cfg.hidden, seed=cfg.seed, progress=False)
         if r:
             pre_times.append(time.perf_counter() - t0)

@@ -96,8 +96,8 @@ def tasks():
 
 def methods(cfg: Config) -> dict:
     budget = cfg.stages * cfg.steps_per_stage
-    ft = dict(schedule=[0.0], steps_per_stage=budget)
-    gft = dict(schedule="geometric", stages=cfg.stages, steps_per_stage=cfg.steps_per_stage,
+    ft = dict(schedule=[0.0], iters_per_stage=budget)
+    gft = dict(schedule="geometric", stages=cfg.stages, iters_per_stage=cfg.steps_per_stage,
                tau_start=cfg.tau_start, tau_end=cfg.tau_end)
     return {"FT": {**ft, "coupling": "independent"}, "FT+OT": {**ft, "coupling": "ot"},
             "GFT": {**gft, "coupling": "independent"}, "GFT+OT": {**gft, "coupling": "ot"}}
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(123)
         train, test = target_task.sample(cfg.n_train, generator=g), target_task.sample(cfg.n_test, generator=g)
         t0 = time.perf_counter()
-        base = tilt.pretrain(base_task, steps=cfg.pretrain_steps, hidden=cfg.hidden, seed=0, progress=False)
+        base = tilt.pretrain(base_task, iters=cfg.pretrain_steps, hidden=cfg.hidden, seed=0, progress=False)
         timings[f"{task_name}: pretrain_s"] = time.perf_counter() - t0
         res = {"base": evaluate(base, test, cfg, 0),
                "noise_floor": {"energy_distance": energy_distance(target_task.sample(cfg.n_eval, generator=g), test),

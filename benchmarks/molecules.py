@@ -3,7 +3,7 @@ energy change the energies, validity and diversity of conformers, on three molec
 
 Three molecules (default ethanol CCO, 9 atoms; glycine NCC(=O)O, 10; L-alanine C[C@@H](C(=O)O)N,
 13, with explicit H): 512 ETKDG + MMFF94 conformers each; an EGNN velocity (64 hidden, 4 layers)
-pretrained by conditional flow matching (`tilt.pretrain(task.data, model="egnn", cond=task.graph)`,
+pretrained by conditional flow matching (`tilt.pretrain(task.data, network="egnn", cond=task.graph)`,
 lr 2e-3, EMA 0.999; 800 steps of batch 128); then Adjoint Matching fine-tuning (20 iterations of
 batch 32, 20 SDE steps, lr 5e-4, λ = 100; 256 evaluation samples) (`init="copy"`, so the fine-tuned velocity
 stays E(3)-equivariant) with r = −E_MMFF94 (kcal/mol) under ExpectedReward and TFFT
@@ -42,7 +42,7 @@ LEVELS = (0.05, 0.1, 0.2)
 def pretrain_egnn(task, steps: int, batch: int, seed: int) -> tuple[FlowModel, float]:
     """Conditional flow matching of an EGNN (64 hidden, 4 layers) on the conformers."""
     t0 = time.perf_counter()
-    model = tilt.pretrain(task.data, steps, model="egnn", cond=task.graph, hidden=(64,) * 4,
+    model = tilt.pretrain(task.data, steps, network="egnn", cond=task.graph, hidden=(64,) * 4,
                           batch_size=batch, lr=2e-3, seed=seed, progress=False)
     return model, time.perf_counter() - t0
 

@@ -218,7 +218,7 @@ def test_base_is_left_untouched_and_learned_base_moves_by_the_predicted_amount()
     from tiltflow.methods.pretrain import pretrain
 
     data = torch.distributions.MultivariateNormal(MU, COV).sample((4000,))
-    base = pretrain(data, steps=800, hidden=(64, 64), progress=False, seed=0)
+    base = pretrain(data, iters=800, hidden=(64, 64), progress=False, seed=0)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     m0 = base.sample(20000, steps=50, seed=1).mean(0)
     lam = 2.0

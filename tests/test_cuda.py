@@ -140,7 +140,7 @@ def test_fdc_on_the_device(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradual_finetune_on_the_device(device):
     target = torch.randn(32, 2).to(device)      # target samples may live on the device too
-    ft = tilt.gradual_finetune(gaussian_base(), target, coupling="independent", stages=2, steps_per_stage=2,
+    ft = tilt.gradual_finetune(gaussian_base(), target, coupling="independent", stages=2, iters_per_stage=2,
                                batch_size=8, n_pretrained=16, pretrained_steps=3, progress=False, device=device)
     _on(ft, device)
 
@@ -148,8 +148,8 @@ def test_gradual_finetune_on_the_device(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_sample_energy_on_the_device(device):
     from tiltflow.tasks.energies import get_energy
-    s = tilt.sample_energy(get_energy("gmm40"), 2, hidden=(8, 8), epochs=2, samples_per_epoch=8,
-                           batches_per_epoch=2, batch_size=8, buffer_size=16, steps=3, progress=False, device=device)
+    s = tilt.sample_energy(get_energy("gmm40"), 2, hidden=(8, 8), iters=4, samples_per_rollout=8,
+                           iters_per_rollout=2, batch_size=8, buffer_size=16, steps=3, progress=False, device=device)
     _on(s.model, device)
     assert s.sample(4).device.type == device
 

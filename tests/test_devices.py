@@ -150,7 +150,7 @@ def test_pretrain_unet_and_finetune_over_prompts(check, tmp_path):
     from tiltflow.models.unet import SmallUNetVelocity
     from tiltflow.tasks import digits
     c = digits.one_hot(torch.arange(16) % 10)
-    base = tilt.pretrain(torch.randn(16, 1, 8, 8), 2, model=SmallUNetVelocity(channels=(4, 8)), cond=c,
+    base = tilt.pretrain(torch.randn(16, 1, 8, 8), 2, network=SmallUNetVelocity(channels=(4, 8)), cond=c,
                          batch_size=4, progress=False, device="cpu", out=tmp_path / "pre")
     r = digits.DigitReward(digits.DigitClassifier().eval())
     for per_prompt in (False, True):
@@ -207,7 +207,7 @@ def test_egnn_conformers(check, tmp_path):
     pytest.importorskip("rdkit")
     from tiltflow.tasks import molecules
     task = molecules.conformers("CCO", n=8, seed=0, cache_dir=tmp_path)
-    base = tilt.pretrain(task, 2, model="egnn", cond=task.graph, hidden=(4, 4), batch_size=4, progress=False,
+    base = tilt.pretrain(task, 2, network="egnn", cond=task.graph, hidden=(4, 4), batch_size=4, progress=False,
                          device="cpu")
     ft = tilt.finetune(base, tilt.CVaR(task.reward("mmff"), 0.25, tail="left"), lam=100.0, **FT)
     tilt.finetune(base, task.reward("rg"), **FT)
@@ -233,7 +233,7 @@ def test_fdc(check, utility, divergence, density):
 def test_gradual_finetune(check, options, tmp_path):
     if options["coupling"] != "independent":
         pytest.importorskip("ot")
-    tilt.gradual_finetune(gaussian_base(), torch.randn(32, 2), stages=2, steps_per_stage=2, batch_size=8,
+    tilt.gradual_finetune(gaussian_base(), torch.randn(32, 2), stages=2, iters_per_stage=2, batch_size=8,
                           n_pretrained=16, pretrained_steps=3, n_ref=8, progress=False, device="cpu",
                           out=tmp_path, **options)
 
@@ -243,7 +243,7 @@ def test_sample_energy(check, network, tmp_path):
     from tiltflow.tasks.energies import get_energy
     energy = get_energy("dw4" if network == "egnn" else "gmm40")
     s = tilt.sample_energy(energy, energy.dim if network == "egnn" else 2, network=network, hidden=(8, 8),
-                           epochs=2, samples_per_epoch=8, batches_per_epoch=2, batch_size=8, buffer_size=16,
+                           iters=4, samples_per_rollout=8, iters_per_rollout=2, batch_size=8, buffer_size=16,
                            steps=3, progress=False, device="cpu", out=tmp_path)
     _finite(s.sample(4))
 
@@ -291,8 +291,8 @@ def test_cli_commands(check, tmp_path, capsys):
                "--out", f"{d}/gft") == 0
     assert run("fdc", "--run", f"{d}/pre", "--iters-outer", "1", "--iters", "2", "--batch-size", "8", "--steps", "4",
                "--n-eval", "8", "--eval-steps", "3", "--n-kl", "4", "--out", f"{d}/fdc") == 0
-    assert run("sample-energy", "--energy", "gmm40", "--epochs", "1", "--samples-per-epoch", "8",
-               "--batches-per-epoch", "1", "--batch-size", "8", "--buffer-size", "16", "--steps", "3",
+    assert run("sample-energy", "--energy", "gmm40", "--iters", "1", "--samples-per-rollout", "8",
+               "--iters-per-rollout", "1", "--batch-size", "8", "--buffer-size", "16", "--steps", "3",
                "--hidden", "8,8", "--n-samples", "8", "--n-eval", "8", "--out", f"{d}/en") == 0
     assert run("demo", "--fast", "--pretrain-steps", "3", "--pretrain-batch-size", "16", "--iters", "2",
                "--batch-size", "8", "--steps", "4", "--n-eval", "20", "--eval-steps", "3", "--n-kl", "5",
@@ -323,8 +323,7 @@ def test_auto_is_the_default_of_every_entry_point():
         assert cfg.device == "auto", type(cfg).__name__
     import inspect
     from tiltflow.tasks import digits
-    for f in (tilt.pretrain, digits.pretrain_base):
-        assert inspect.signature(f).parameters["device"].default == "auto"
+    assert inspect.signature(digits.pretrain_base).parameters["device"].default == "auto"
     p = cli.build_parser()
     assert p.parse_args(["sample", "--run", "r"]).device == "auto"
     assert p.parse_args(["evaluate", "--run", "r"]).device == "auto"

@@ -121,7 +121,7 @@ def test_torchrun_runs_the_cli_finetune_on_gloo(tmp_path):
 
 # --- gradual_finetune and sample_energy -----------------------------------------------------
 
-GFT = dict(stages=2, steps_per_stage=15, batch_size=64, n_pretrained=128, pretrained_steps=8,
+GFT = dict(stages=2, iters_per_stage=15, batch_size=64, n_pretrained=128, pretrained_steps=8,
            checkpoint_every=10, coupling="ot", ema=0.9, seed=2, progress=False)
 
 
@@ -136,7 +136,7 @@ def gft_target():
     return torch.randn(200, 2, generator=torch.Generator().manual_seed(4)) * 0.5 + torch.tensor([1.0, -1.0])
 
 
-SE = dict(epochs=3, samples_per_epoch=30, batches_per_epoch=4, batch_size=32, buffer_size=64, steps=8,
+SE = dict(iters=12, samples_per_rollout=30, iters_per_rollout=4, batch_size=32, buffer_size=64, steps=8,
           hidden=(16,), checkpoint_every=2, seed=5, progress=False)
 
 
@@ -187,7 +187,7 @@ def test_gft_and_sample_energy_on_two_gloo_processes_equal_one_process_with_grad
     ck = sorted((run / "checkpoints").glob("*.safetensors"))[-1]
     assert {"rng.train", "rng.train_1"} <= set(load_file(str(ck)))
     se_run = tmp_path / "rank0" / "se"
-    assert len((se_run / "log.jsonl").read_text().splitlines()) == SE["epochs"]
+    assert len((se_run / "log.jsonl").read_text().splitlines()) == SE["iters"] // SE["iters_per_rollout"]
     ck = load_file(str(sorted((se_run / "checkpoints").glob("*.safetensors"))[-1]))
     assert {"rng.train", "rng.train_1"} <= set(ck)
 

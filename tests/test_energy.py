@@ -135,7 +135,7 @@ def test_huge_forces_are_clipped_and_non_finite_forces_raise():
             return torch.sqrt(-(y**2).sum(1) - 1.0)          # NaN everywhere
 
     with pytest.raises(FloatingPointError, match="energy 'broken'"):
-        sample_energy(Broken(), 2, epochs=1, samples_per_epoch=8, batch_size=8, steps=5, progress=False)
+        sample_energy(Broken(), 2, iters=1, samples_per_rollout=8, batch_size=8, steps=5, progress=False)
 
 
 def test_grad_clip_zero_means_no_clipping():
@@ -143,11 +143,11 @@ def test_grad_clip_zero_means_no_clipping():
     grad_clip=1e9 bit for bit (clip_grad_norm_ multiplies by min(1, max/norm) = 1) and differ from the
     start (zeroing every gradient, the old behaviour, would leave them at the start)."""
     E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0)
-    small = dict(prior_scale=4.0, epochs=2, samples_per_epoch=16, batches_per_epoch=2, batch_size=16, steps=5,
+    small = dict(prior_scale=4.0, iters=4, samples_per_rollout=16, iters_per_rollout=2, batch_size=16, steps=5,
                  hidden=(8,), progress=False)
     a = sample_energy(E, 2, grad_clip=0.0, **small).model.state_dict()
     b = sample_energy(E, 2, grad_clip=1e9, **small).model.state_dict()
-    c = sample_energy(E, 2, grad_clip=1e9, **{**small, "epochs": 1, "batches_per_epoch": 1, "lr": 0.0}).model.state_dict()
+    c = sample_energy(E, 2, grad_clip=1e9, **{**small, "iters": 1, "iters_per_rollout": 1, "lr": 0.0}).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
     with pytest.raises(ValueError, match="grad_clip must be a non-negative"):
@@ -159,7 +159,7 @@ def test_sampler_matches_a_four_mode_mixture():
     """Adjoint Sampling + replay buffer, 1500 gradient steps (~8 s). Energy distance of the untrained
     prior N(0, 16 I) to exact samples is ~0.9 and of a 600-step run 0.15 (measured)."""
     E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0, std=1.0, seed=0)
-    s = sample_energy(E, 2, prior_scale=4.0, epochs=150, batches_per_epoch=10, lr=2e-3, progress=False)
+    s = sample_energy(E, 2, prior_scale=4.0, iters=1500, iters_per_rollout=10, lr=2e-3, progress=False)
     x = s.sample(4000, seed=1)
     ref = E.sample(4000, torch.Generator().manual_seed(0))
     ed = energy_distance(x, ref)
@@ -173,7 +173,7 @@ def test_sampler_matches_a_four_mode_mixture():
 
 def test_particle_sampler_is_mean_free_and_lowers_the_energy():
     E = DoubleWellParticles()
-    s = sample_energy(E, E.dim, prior_scale=2.0, epochs=15, batches_per_epoch=10, lr=2e-3, progress=False)
+    s = sample_energy(E, E.dim, prior_scale=2.0, iters=150, iters_per_rollout=10, lr=2e-3, progress=False)
     x = s.sample(1000, seed=1)
     assert x.reshape(-1, 4, 2).mean(1).abs().max() < 1e-5
     from tiltflow.methods.sample_energy import gaussian_prior
@@ -200,11 +200,11 @@ def test_run_folder_resume_is_exact_and_the_sampler_loads_back(tmp_path):
     saved model.safetensors loads back into a sampler that draws the same samples."""
     from tiltflow.methods.sample_energy import EnergySampler
     E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0)
-    small = dict(prior_scale=4.0, samples_per_epoch=32, batches_per_epoch=2, batch_size=32, buffer_size=48,
+    small = dict(prior_scale=4.0, samples_per_rollout=32, iters_per_rollout=2, batch_size=32, buffer_size=48,
                  steps=10, hidden=(16, 16), checkpoint_every=2, progress=False)
-    full = sample_energy(E, 2, epochs=4, out=tmp_path / "full", **small)
-    sample_energy(E, 2, epochs=2, out=tmp_path / "cut", **small)
-    resumed = sample_energy(E, 2, epochs=4, out=tmp_path / "cut", resume=True, **small)
+    full = sample_energy(E, 2, iters=8, out=tmp_path / "full", **small)
+    sample_energy(E, 2, iters=4, out=tmp_path / "cut", **small)
+    resumed = sample_energy(E, 2, iters=8, out=tmp_path / "cut", resume=True, **small)
     for (k, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), k
     log = [json.loads(line) for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
@@ -217,13 +217,13 @@ def test_run_folder_resume_is_exact_and_the_sampler_loads_back(tmp_path):
     assert torch.equal(loaded.sample(50, seed=3), resumed.sample(50, seed=3))
     assert loaded.log_Z(n=64).ess > 0
     with pytest.raises(ValueError, match="cannot resume"):
-        sample_energy(E, 2, epochs=4, out=tmp_path / "cut", resume=True, **{**small, "batch_size": 16})
+        sample_energy(E, 2, iters=8, out=tmp_path / "cut", resume=True, **{**small, "batch_size": 16})
 
 
 def _dw4_egnn_run(network="egnn", **kw):
     E = DoubleWellParticles()
-    small = dict(prior_scale=2.0, samples_per_epoch=32, batches_per_epoch=3, batch_size=32, steps=10,
-                 hidden=(16, 16), epochs=3, lr=1e-2, progress=False)
+    small = dict(prior_scale=2.0, samples_per_rollout=32, iters_per_rollout=3, batch_size=32, steps=10,
+                 hidden=(16, 16), iters=9, lr=1e-2, progress=False)
     return E, sample_energy(E, E.dim, network=network, **{**small, **kw})
 
 
@@ -276,8 +276,8 @@ def test_egnn_sampler_is_mean_free_equivariant_and_round_trips(tmp_path):
 def test_egnn_needs_a_particle_energy():
     E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0)
     with pytest.raises(ValueError, match="network='egnn' needs a particle energy"):
-        sample_energy(E, 2, network="egnn", epochs=1, progress=False)
+        sample_energy(E, 2, network="egnn", iters=1, progress=False)
     with pytest.raises(ValueError, match="network must be"):
-        sample_energy(E, 2, network="transformer", epochs=1, progress=False)
+        sample_energy(E, 2, network="transformer", iters=1, progress=False)
     with pytest.raises(ValueError, match="one width"):
-        sample_energy(DoubleWellParticles(), 8, network="egnn", hidden=(16, 32), epochs=1, progress=False)
+        sample_energy(DoubleWellParticles(), 8, network="egnn", hidden=(16, 32), iters=1, progress=False)

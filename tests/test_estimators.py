@@ -10,10 +10,10 @@ import math
 
 import torch
 
-from tiltflow import estimators
+from tiltflow import estimators, integrators
 from tiltflow.methods.finetune import finetune
 from tiltflow.methods.sample_energy import gaussian_prior, sample_energy
-from tiltflow.models import FlowModel, GaussianMixtureVelocity
+from tiltflow.models import FlowModel, GaussianMixtureVelocity, MLPVelocity
 from tiltflow.rewards import Linear, Quadratic
 from tiltflow.tasks.energies import GaussianMixtureEnergy
 
@@ -70,7 +70,7 @@ def test_crooks_weights_are_constant_for_the_exact_sampler():
 def test_crooks_log_z_on_a_gaussian_mixture_energy():
     """Normalised 4-mode mixture (log Z = 0): a short Adjoint Sampling run, then Crooks."""
     E = GaussianMixtureEnergy(n_modes=4, loc_scale=4.0, std=1.0, seed=0)
-    s = sample_energy(E, 2, prior_scale=4.0, epochs=60, batches_per_epoch=10, lr=2e-3, progress=False)
+    s = sample_energy(E, 2, prior_scale=4.0, iters=600, iters_per_rollout=10, lr=2e-3, progress=False)
     pw = s.log_Z(8192, steps=50, seed=1)
     prior = estimators.crooks(gaussian_prior(2, 4.0), lambda x: -E(x), 8192, 50, seed=1)
     two = s.log_Z(8192, steps=50, seed=1, target_samples=E.sample(8192, torch.Generator().manual_seed(5)))
@@ -126,6 +126,29 @@ def test_bar_on_gaussian_works_with_the_exact_crooks_relation():
     assert rmse(est) < min(rmse(fwd), rmse(rev))
     # a single replicate is within 4 of its own standard errors
     assert abs(est[0] - exact) < 4 * se[0]
+
+
+def test_path_rollout_is_the_shared_memoryless_stepper():
+    """path_rollout steps with integrators.memoryless_step (scheme "exponential_all": the exponential
+    step up to t = 1 as well, so every transition has a density): same generator, same paths, bit
+    for bit; and log_q = Σ_i log N(ξ_i; 0, std_i² I) of the noise the stepper was given."""
+    model = FlowModel(MLPVelocity(2, (16,)))
+    grid = torch.linspace(0.0, 1.0, 7, dtype=torch.float64)
+    x0 = torch.randn(32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    xs, log_q = estimators.path_rollout(model, 32, grid, torch.Generator().manual_seed(2), x0=x0)
+    v = lambda x, t: model.velocity(x.float(), t.float()).double()  # noqa: E731
+    traj, _ = integrators.memoryless_solve(model.path, v, x0, grid, torch.Generator().manual_seed(2),
+                                           scheme="exponential_all", return_trajectory=True)
+    assert torch.equal(xs, traj)
+    noise = torch.randn(6, 32, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    stds = [model.path.exponential_coefficients(float(grid[i]), float(grid[i + 1]))[2] for i in range(6)]
+    normal = lambda s: torch.distributions.Normal(torch.tensor(0.0, dtype=torch.float64), s)  # noqa: E731
+    expect = sum(normal(s).log_prob(s * noise[i]).sum(1) for i, s in enumerate(stds))
+    torch.testing.assert_close(log_q, expect, rtol=1e-12, atol=1e-10)   # float64 sums of 12 terms
+    # the plain "exponential" scheme ends with the posterior step: a different last point
+    last = integrators.memoryless_step(model.path, v, xs[-2], float(grid[-2]), 1.0, None, "exponential")
+    assert not torch.allclose(last, integrators.memoryless_step(model.path, v, xs[-2], float(grid[-2]), 1.0,
+                                                                None, "exponential_all"))
 
 
 def test_noising_rollout_has_the_interpolant_marginals():

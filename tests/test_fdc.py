@@ -344,6 +344,41 @@ def test_resume_continues_to_the_same_result(tmp_path):
     assert (tmp_path / "b" / "model.safetensors").is_file()
 
 
+def test_report_to_tensorboard_holds_the_log_records_and_progress_is_logged(tmp_path, caplog):
+    """The TensorBoard events of a run are its log.jsonl records (every numeric field at step =
+    outer k, float32: rel 1e-6); the configuration line and the outer lines go to the
+    "tiltflow.fdc" logger; report_to leaves config.json as it was (same config hash)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    base, util = gaussian_base(), MeanVariance(Linear([1.0, 0.5]), kappa=0.5)
+    kw = dict(iters=2, batch_size=16, steps=6, residual_hidden=(8, 8), n_offline=64, n_eval=50,
+              n_kl=20, eval_steps=10, iters_outer=2)
+    caplog.set_level("INFO", logger="tiltflow")
+    fdc(base, util, out=tmp_path / "tb", report_to="tensorboard", progress=True, **kw)
+    shown = [r.getMessage() for r in caplog.records if r.name == "tiltflow.fdc"]
+    assert shown[0].startswith("tiltflow fdc: ") and any(m.startswith("fdc outer 2/2: utility=") for m in shown)
+    fdc(base, util, out=tmp_path / "plain", progress=False, **kw)
+    assert (tmp_path / "tb" / "config.json").read_text() == (tmp_path / "plain" / "config.json").read_text()
+    assert not (tmp_path / "plain" / "tensorboard").exists()
+    log = [json.loads(line) for line in (tmp_path / "tb" / "log.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    acc.Reload()
+    want = {}
+    for r in log:
+        for key, v in r.items():
+            if isinstance(v, (int, float)):
+                want.setdefault(key, []).append((r["outer"], float(v)))
+    assert {"utility", "divergence", "objective", "kl", "gamma", "accepted"} <= set(want)
+    assert set(acc.Tags()["scalars"]) == set(want)
+    for key, pairs in want.items():
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in pairs], key
+        assert all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-30) for (_, a), (_, b) in zip(got, pairs)), key
+
+    with pytest.raises(ValueError, match="'tensorbord'"):
+        fdc(base, util, report_to="tensorbord", **kw)
+
+
 def test_cli_fdc(tmp_path, capsys):
     pre = tmp_path / "pre"
     assert cli.main(["pretrain", "--task", "gaussian", "--steps", "30", "--out", str(pre), "--no-progress"]) == 0

@@ -132,7 +132,7 @@ def _moments(x):
 
 
 TARGET = gaussian_samples(M_Q, S_Q, 4000, seed=3)
-FAST = dict(stages=4, steps_per_stage=150, residual_hidden=(64, 64), lr=2e-3, n_pretrained=2000, progress=False)
+FAST = dict(stages=4, iters_per_stage=150, residual_hidden=(64, 64), lr=2e-3, n_pretrained=2000, progress=False)
 # mean ±0.08, covariance ±0.1: observed errors ~0.03 (4000 samples: Monte Carlo ~0.015); a
 # method that stopped at τ = 1 would be off by 1.0 in the mean, the base by 2.0.
 TOL_MEAN, TOL_COV = 0.08, 0.1
@@ -184,7 +184,7 @@ def test_intermediate_stage_generates_the_mixture_not_the_target(tmp_path):
     within 0.021, tolerance 0.04 (plain fine-tuning: ≈ 1)."""
     S = 150
     ft = tilt.gradual_finetune(pretrained_model(), TARGET, schedule=(1.0, 0.0), coupling="independent",
-                               out=tmp_path, **{**FAST, "steps_per_stage": S, "checkpoint_every": S})
+                               out=tmp_path, **{**FAST, "iters_per_stage": S, "checkpoint_every": S})
     from safetensors.torch import load_file
     w = load_file(str(tmp_path / "checkpoints" / f"step_{S:08d}.safetensors"))   # the end of stage τ = 1
     mid = ft.copy()
@@ -250,7 +250,7 @@ def test_coupling_plans_preserve_the_marginals(coupling, tol):
     (dict(variant="marginal", coupling="ot"), "coupling='independent'"),
     (dict(coupling="emd"), "coupling must be"),
     (dict(flow="sde"), "flow must be"),
-    (dict(steps_per_stage=0), "steps_per_stage"),
+    (dict(iters_per_stage=0), "iters_per_stage"),
     (dict(lr_typo=1.0), "unknown gradual_finetune options"),
 ])
 def test_bad_settings_raise(kwargs, match):
@@ -281,7 +281,7 @@ def test_missing_pot_names_the_extra(monkeypatch):
 # --- run folder and resume -------------------------------------------------------------------
 
 def test_run_folder_and_resume_give_the_same_weights(tmp_path):
-    small = dict(stages=2, steps_per_stage=20, checkpoint_every=20, residual_hidden=(16,), n_pretrained=256,
+    small = dict(stages=2, iters_per_stage=20, checkpoint_every=20, residual_hidden=(16,), n_pretrained=256,
                  batch_size=64, coupling="ot", progress=False)
     full = tilt.gradual_finetune(pretrained_model(), TARGET, out=tmp_path / "a", **small)
     for f in ("config.json", "log.jsonl", "metrics.json", "model.safetensors"):
@@ -309,7 +309,7 @@ def test_run_folder_and_resume_give_the_same_weights(tmp_path):
 def test_cli_gft_runs_and_reports_user_errors(tmp_path):
     threads = torch.get_num_threads()
     pre = tmp_path / "pre"
-    tilt.pretrain(tilt.toy2d.get_task("gaussian"), steps=60, hidden=(32, 32), batch_size=128, out=pre,
+    tilt.pretrain(tilt.toy2d.get_task("gaussian"), iters=60, hidden=(32, 32), batch_size=128, out=pre,
                   progress=False)
     target = tmp_path / "target.npy"
     np.save(target, TARGET.numpy())
@@ -332,3 +332,22 @@ def test_cli_gft_runs_and_reports_user_errors(tmp_path):
                          "--out", str(tmp_path / "x")]) == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_default_coupling_works_without_pot(monkeypatch, caplog):
+    # a core install has no POT: the default coupling ("auto") must fall back to the independent
+    # coupling with a warning naming the extra, not stop with ImportError; with POT it is exact OT
+    import importlib.util
+    from tiltflow.methods import gft as gft_mod
+    assert gft_mod._coupling("auto", "conditional") == "ot"          # POT is installed here
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ot" else real(name, *a))
+    with caplog.at_level("WARNING", logger="tiltflow"):
+        assert gft_mod._coupling("auto", "conditional") == "independent"
+    assert "tiltflow[ot]" in caplog.text
+    assert gft_mod._coupling("auto", "marginal") == "independent"
+    assert gft_mod.GFTConfig(iters_per_stage=3).iters_per_stage == 3
+    with pytest.warns(DeprecationWarning, match="use `iters_per_stage`"):
+        assert gft_mod.GFTConfig(steps_per_stage=4).iters_per_stage == 4
+    with pytest.raises(ValueError, match="iters_per_stage"):
+        gft_mod.GFTConfig(iters_per_stage=0)

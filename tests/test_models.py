@@ -62,6 +62,24 @@ def test_same_seed_same_samples_and_shapes():
     assert traj.shape == (5, 10, 3) and grid.shape == (5,)
 
 
+@pytest.mark.parametrize("sde", [False, True])
+def test_seed_none_gives_fresh_samples_reproducible_under_manual_seed(sde):
+    """seed=None: a fresh seed from the global torch RNG, so two calls differ (a seed-0 default
+    would return the same samples twice) and torch.manual_seed(k) before each call repeats them."""
+    m = FlowModel(MLPVelocity(2, (8,)))
+    a, b = m.sample(16, steps=3, sde=sde), m.sample(16, steps=3, sde=sde)
+    assert not torch.equal(a, b)
+    torch.manual_seed(5)
+    c = m.sample(16, steps=3, sde=sde)
+    torch.manual_seed(5)
+    torch.testing.assert_close(m.sample(16, steps=3, sde=sde), c, rtol=0, atol=0)
+    torch.testing.assert_close(m.sample(16, steps=3, sde=sde, seed=11), m.sample(16, steps=3, sde=sde, seed=11),
+                               rtol=0, atol=0)
+    g = torch.Generator().manual_seed(11)   # an explicit seed means a generator seeded with it
+    torch.testing.assert_close(m.sample(16, steps=3, sde=sde, generator=g), m.sample(16, steps=3, sde=sde, seed=11),
+                               rtol=0, atol=0)
+
+
 def test_bad_input():
     m = FlowModel(MLPVelocity(2, (8,)))
     for kw in ({"n": 0}, {"n": 4, "steps": 0}, {"n": 4, "steps": -3}):

@@ -235,22 +235,22 @@ def test_pretrain_egnn_resumes_and_round_trips(ethanol, tmp_path):
     # a ready network is copied, not trained in place
     net = tilt.EGNNVelocity.from_graph(ethanol.graph, hidden=8, layers=1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    m = tilt.pretrain(ethanol.data, 2, model=net, batch_size=8, progress=False)
+    m = tilt.pretrain(ethanol.data, 2, network=net, batch_size=8, progress=False)
     assert isinstance(m.net, tilt.EGNNVelocity) and all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
 def test_pretrain_model_errors(ethanol):
     import tiltflow as tilt
     with pytest.raises(ValueError, match="needs cond=the molecular graph"):
-        tilt.pretrain(ethanol.data, 2, model="egnn", progress=False)
-    with pytest.raises(ValueError, match="model='egnn'"):
+        tilt.pretrain(ethanol.data, 2, network="egnn", progress=False)
+    with pytest.raises(ValueError, match="network='egnn'"):
         tilt.pretrain(ethanol.data, 2, cond=ethanol.graph, progress=False)       # graph given to the MLP
     with pytest.raises(ValueError, match="one width"):
-        tilt.pretrain(ethanol.data, 2, model="egnn", cond=ethanol.graph, hidden=(8, 16), progress=False)
+        tilt.pretrain(ethanol.data, 2, network="egnn", cond=ethanol.graph, hidden=(8, 16), progress=False)
     with pytest.raises(ValueError, match="9 atoms"):
-        tilt.pretrain(ethanol.data[:, :24], 2, model="egnn", cond=ethanol.graph, progress=False)
-    with pytest.raises(ValueError, match="model must be one of"):
-        tilt.pretrain(ethanol.data, 2, model="transformer", progress=False)
+        tilt.pretrain(ethanol.data[:, :24], 2, network="egnn", cond=ethanol.graph, progress=False)
+    with pytest.raises(ValueError, match="network must be one of"):
+        tilt.pretrain(ethanol.data, 2, network="transformer", progress=False)
 
 
 def test_left_cvar_lowers_worst_energies_more_than_expected_reward(tmp_path):
@@ -264,7 +264,7 @@ def test_left_cvar_lowers_worst_energies_more_than_expected_reward(tmp_path):
     """
     import tiltflow as tilt
     task = molecules.conformers("CCO", n=256, seed=0, cache_dir=tmp_path)
-    base = tilt.pretrain(task.data, 1000, model="egnn", cond=task.graph, hidden=(32,) * 3, batch_size=64,
+    base = tilt.pretrain(task.data, 1000, network="egnn", cond=task.graph, hidden=(32,) * 3, batch_size=64,
                          lr=2e-3, progress=False)
     r = task.reward("mmff")
 

@@ -567,17 +567,17 @@ def test_bad_inputs_raise_value_error_naming_the_value():
     with pytest.raises(ValueError, match="rewards must be a non-empty 1-D tensor"):
         solve_threshold(torch.zeros(3, 2), 0.5, 1.0, "right")
     for lam in [0.0, -1.0, float("inf")]:
-        with pytest.raises(ValueError, match=f"lam must be a finite number > 0, got {lam}"):
+        with pytest.raises(ValueError, match=f"lam must be a positive finite number, got {lam}"):
             solve_threshold(r, 0.5, lam, "left")
     with pytest.raises(ValueError, match="lam must be"):
         CVaR(linear_reward, 0.5).pseudo_reward(torch.zeros(4, 2), lam=0.0)
     with pytest.raises(ValueError, match="lam must be"):
         ExpectedReward(linear_reward).pseudo_reward(None, lam=-2.0)
-    with pytest.raises(ValueError, match="tail must be 'right' or 'left', got 'up'"):
+    with pytest.raises(ValueError, match="tail must be one of 'right', 'left', got 'up'"):
         solve_threshold(r, 0.5, 1.0, "up")
-    with pytest.raises(ValueError, match="tail must be 'right' or 'left', got 'up'"):
+    with pytest.raises(ValueError, match="tail must be one of 'right', 'left', got 'up'"):
         CVaR(linear_reward, 0.5, tail="up")
-    with pytest.raises(ValueError, match="smoothing must be a finite number >= 0, got -0.1"):
+    with pytest.raises(ValueError, match="smoothing must be a non-negative finite number, got -0.1"):
         CVaR(linear_reward, 0.5, smoothing=-0.1)
     with pytest.raises(ValueError, match="eta must be a finite number, got inf"):
         CVaR(linear_reward, 0.5).pseudo_reward_at(float("inf"))

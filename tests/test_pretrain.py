@@ -181,8 +181,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path):
     assert state_equal(full, resumed)
     assert state_equal(FlowModel.load(tmp_path / "b" / "model.safetensors"), full)
     log = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [50, 60]
-    assert set(log[0]) == {"step", "loss", "grad_norm", "lr", "nonfinite_skipped"} and log[0]["lr"] == 1e-3
+    assert [r["iter"] for r in log] == [50, 60]
+    assert set(log[0]) == {"iter", "loss", "grad_norm", "lr", "nonfinite_skipped"} and log[0]["lr"] == 1e-3
     cfg = json.loads((tmp_path / "b" / "config.json").read_text())
     assert cfg["coupling"] == "ot" and cfg["data"] == "Interrupting(mixture)"
 
@@ -246,16 +246,16 @@ def test_image_shaped_data_asks_for_a_convolutional_net():
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    ({"steps": 0}, "steps"), ({"steps": -3}, "steps"), ({"batch_size": 0}, "batch_size"),
+    ({"iters": 0}, "iters"), ({"iters": -3}, "iters"), ({"batch_size": 0}, "batch_size"),
     ({"lr": 0.0}, "lr"), ({"lr": -1e-3}, "lr"), ({"ema": 1.0}, "ema"), ({"ema": -0.1}, "ema"),
     ({"coupling": "sinkhorn"}, "coupling"), ({"checkpoint_every": 0}, "checkpoint_every"),
     ({"lr_warmup": -1}, "lr_warmup"), ({"hidden": ()}, "hidden"), ({"grad_clip": -1.0}, "grad_clip"),
     ({"path": "cosine"}, "path"), ({"resume": True}, "resume"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, name):
-    args = {"steps": 5, **kwargs}
+    args = {"iters": 5, **kwargs}
     with pytest.raises(ValueError, match=name):
-        pretrain(torch.randn(10, 2), args.pop("steps"), progress=False, **args)
+        pretrain(torch.randn(10, 2), args.pop("iters"), progress=False, **args)
 
 
 def test_cond_must_pair_with_tensor_rows():
@@ -266,13 +266,31 @@ def test_cond_must_pair_with_tensor_rows():
 
 
 def test_config_defaults_match_the_signature():
-    # the dataclass is what config.json records; its defaults must be pretrain's defaults
+    # the dataclass is what config.json records; pretrain's own config-field arguments default to
+    # None ("the config's value") and every other field is a keyword: a bare run records PretrainConfig()
     import inspect
 
     sig = inspect.signature(pretrain).parameters
-    for f in pt.PretrainConfig.__dataclass_fields__.values():
-        d = sig[f.name].default
-        if f.name == "hidden" and d is None:        # None: the default of the chosen model
-            d = pt.DEFAULT_HIDDEN["mlp"]
-        assert d == f.default or tuple(d) == f.default, f.name
+    for name in ("iters", "hidden", "path"):
+        assert sig[name].default is None, name
+    assert any(p.kind is p.VAR_KEYWORD for p in sig.values())
     assert PretrainConfig().hidden == (256, 256, 256)
+
+
+def test_a_config_object_and_the_deprecated_spellings_give_the_same_run(tmp_path):
+    # PretrainConfig(...) as config=, iters=/network= and the deprecated steps=/model= spellings
+    # must train the same weights (same seed, same stream); the old spellings warn naming the new
+    x = torch.randn(64, 2)
+    kw = dict(batch_size=16, hidden=(8,), progress=False)
+    a = pretrain(x, 12, network="mlp", **kw)
+    b = pretrain(x, config=PretrainConfig(iters=12, batch_size=16, hidden=(8,)), progress=False)
+    with pytest.warns(DeprecationWarning, match="use `iters`"):
+        c = pretrain(x, steps=12, **kw)
+    with pytest.warns(DeprecationWarning, match="use `network`"):
+        d = pretrain(x, 12, model="mlp", **kw)
+    for m in (b, c, d):
+        assert state_equal(a, m)
+    with pytest.warns(DeprecationWarning, match="use `iters`"):
+        assert PretrainConfig(steps=7).iters == 7
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        PretrainConfig(lr=-1.0)            # configs validate when built, not when used

@@ -81,7 +81,7 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_checkpoint_bit_for_bit(tmp
     else:
         args = ["pretrain", "--task", "gaussian", "--steps", "1200", "--batch-size", "32", "--hidden", "16,16",
                 "--checkpoint-every", "100", "--no-progress"]
-        last, key = "step_00001200", "step"
+        last, key = "step_00001200", "iter"
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert cli.main(args + ["--out", str(full)]) == 0
 
@@ -109,16 +109,16 @@ def test_kill_9_then_resume_reaches_the_uninterrupted_checkpoint_bit_for_bit(tmp
 # ---------------------------------------------------------------- corrupt and foreign checkpoints
 
 
-def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
+def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, caplog):
     kw = dict(TINY, checkpoint_every=5)
     full = finetune(gaussian_base(), Linear(A_LIN), lam=1.0, iters=15, **kw)
     finetune(gaussian_base(), Linear(A_LIN), lam=1.0, iters=10, out=tmp_path / "b", **kw)   # "killed" at 10
     newest = tmp_path / "b" / "checkpoints" / "step_00000010.safetensors"
     data = newest.read_bytes()
     newest.write_bytes(data[: len(data) // 2])                        # a partial write
-    capsys.readouterr()
+    caplog.clear()
     resumed = finetune(gaussian_base(), Linear(A_LIN), lam=1.0, iters=15, out=tmp_path / "b", resume=True, **kw)
-    out = capsys.readouterr().out
+    (out,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.name.startswith("tiltflow.")]
     assert "step_00000010.json is corrupt" in out and "checksum" in out and "previous" in out
     assert tensors_equal(full.state_dict(), resumed.state_dict())     # resumed from step 5, same result
     iters = [json.loads(line)["iter"] for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -216,7 +216,7 @@ def test_pretrain_skips_and_counts_non_finite_steps_then_stops(tmp_path, monkeyp
     assert ck["extra"]["nonfinite_total"] == 1
     # NaN every time: stops after max_nonfinite steps in a row, saying why
     monkeypatch.setattr(ptm, "MLPVelocity", lambda *a, **k: SometimesNaN(range(1, 100)))
-    with pytest.raises(FloatingPointError, match="3 steps in a row.*skipped"):
+    with pytest.raises(FloatingPointError, match="3 iterations in a row.*skipped"):
         pretrain(data, 10, max_nonfinite=3, **kw)
     with pytest.raises(ValueError, match="max_nonfinite"):
         pretrain(data, 10, max_nonfinite=0, **kw)

@@ -462,8 +462,8 @@ def test_run_config_keys_and_rewards(tmp_path, capsys):
     f.write_text('base = "x"\nprompts = ["a"]\nlearning_rate = 0.1\n')
     with pytest.raises(ValueError, match="unknown key 'learning_rate'"):
         rc.read(f)
-    run, ft = rc.split({"base": "x", "prompts": ["a"], "lora_targets": ["to_q"], "iters": 3})
-    assert ft == {"lora_targets": ("to_q",), "iters": 3} and run.prompts == ["a"]
+    run, ft = rc.split({"base": "x", "prompts": ["a"], "lora_rank": 4, "lora_targets": ["to_q"], "iters": 3})
+    assert ft == {"lora_rank": 4, "lora_targets": ("to_q",), "iters": 3} and run.prompts == ["a"]
     with pytest.raises(ValueError, match="prompts must be a non-empty list"):
         rc.split({"base": "x", "prompts": []})
     with pytest.raises(ValueError, match="unknown reward 'sharpness'"):
@@ -480,7 +480,7 @@ def test_toml_reader_without_tomllib_names_tomli(monkeypatch):
     from tiltflow import run_config as rc
     monkeypatch.setitem(sys.modules, "tomllib", None)
     monkeypatch.setitem(sys.modules, "tomli", None)
-    with pytest.raises(ImportError, match="pip install tomli"):
+    with pytest.raises(ImportError, match=r"pip install 'tiltflow\[config\]'"):
         rc._toml()
 
 

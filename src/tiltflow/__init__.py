@@ -1,7 +1,7 @@
 """tiltflow: fine-tune flow and diffusion models by exponential tilts p* ∝ p_base · exp(r/λ).
 
     import tiltflow as tilt
-    model = tilt.pretrain(tilt.tasks.toy2d.get_task("mixture"), steps=2000)
+    model = tilt.pretrain(tilt.tasks.toy2d.get_task("mixture"), iters=2000)
     ft = tilt.finetune(model, tilt.ExpectedReward(tilt.rewards.Linear([1.0, 0.5])), lam=1.0)
     ft = tilt.finetune(model, tilt.CVaR(r, level=0.1, tail="left"), lam=1.0)
 """
@@ -20,6 +20,7 @@ from .divergences import KL, OT, Renyi
 from .utilities import (CVaRUtility, Entropy, ExpectedRewardUtility, ExperimentDesign, KernelDiversity,
                         MeanVariance, Novelty)
 from .tasks import toy2d
+from .tracking import Tracker, get_logger
 
 __version__ = "0.1.0"
 
@@ -32,4 +33,5 @@ __all__ = [
     "Novelty", "Entropy", "KernelDiversity", "ExperimentDesign",
     "paths", "integrators", "metrics", "rewards", "tasks", "toy2d",
     "sample_energy", "EnergyConfig", "EnergySampler", "estimators", "jarzynski", "crooks", "crooks_two_sided",
+    "Tracker", "get_logger",
 ]

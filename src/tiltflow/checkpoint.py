@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .tracking import get_logger
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
@@ -189,13 +191,16 @@ def save_checkpoint(out: Path, step: int, modules: dict[str, torch.nn.Module],
 
 
 def load_latest(out: Path, modules: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer | None,
-                generators: dict[str, torch.Generator], warn=print, config_hash: str | None = None) -> dict | None:
+                generators: dict[str, torch.Generator], warn=None, config_hash: str | None = None) -> dict | None:
     """Restore the newest checkpoint that verifies; returns its metadata, or None if none exists.
 
     A checkpoint whose tensor file is missing, truncated or altered (SHA-256 mismatch) is
-    reported through `warn` and the previous one is tried. A checkpoint of another run
+    reported through `warn` (a callable taking the message; None: the "tiltflow.checkpoint"
+    logger's warning) and the previous one is tried. A checkpoint of another run
     (config_hash differs) or another model (different weight names or shapes) is a ValueError.
     """
+    if warn is None:
+        warn = get_logger("checkpoint").warning
     ckdir = Path(out) / "checkpoints"
     for meta_path in sorted(ckdir.glob("step_*.json"), reverse=True):
         tpath = meta_path.with_suffix(".safetensors")

@@ -31,32 +31,14 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from . import couplings
 from .utilities import model_score, value_with_grad
+from .validation import in_interval, positive, positive_int
 
 __all__ = ["KL", "OT", "Renyi"]
-
-
-def _positive(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
-
-
-def _check_eps(eps) -> float:
-    eps = _positive(eps, "eps")
-    if eps >= 0.5:
-        raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
-    return eps
-
-
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    return steps
 
 
 def log_ratio(model, reference, x: Tensor, steps: int) -> Tensor:
@@ -81,7 +63,7 @@ class KL:
     needs_reference_samples = False
 
     def __init__(self, eps: float = 0.02, steps: int = 50):
-        self.eps, self.steps = _check_eps(eps), _check_steps(steps)
+        self.eps, self.steps = in_interval(eps, "eps", 0.0, 0.5, hi_open=True), positive_int(steps, "steps")
 
     def value(self, samples: Tensor, model, reference, reference_samples=None) -> float:
         """Monte Carlo E_p[log p − log q] over samples of p: (n, *dims)."""
@@ -124,11 +106,11 @@ class Renyi:
     needs_reference_samples = False
 
     def __init__(self, alpha: float = 0.5, eps: float = 0.02, steps: int = 30, max_log_weight: float = 3.0):
-        alpha = _positive(alpha, "alpha")
+        alpha = positive(alpha, "alpha")
         if abs(alpha - 1.0) < 1e-6:
             raise ValueError("alpha must differ from 1 (alpha = 1 is KL: use tiltflow.KL())")
-        self.alpha, self.eps, self.steps = alpha, _check_eps(eps), _check_steps(steps)
-        self.max_log_weight = _positive(max_log_weight, "max_log_weight")
+        self.alpha, self.eps, self.steps = alpha, in_interval(eps, "eps", 0.0, 0.5, hi_open=True), positive_int(steps, "steps")
+        self.max_log_weight = positive(max_log_weight, "max_log_weight")
         self._cache = []
 
     def _log_z(self, samples: Tensor, model, reference) -> float:
@@ -177,9 +159,7 @@ class OT:
     def __init__(self, p: int = 2, n: int = 512):
         if p not in (1, 2):
             raise ValueError(f"p must be 1 (W1) or 2 (W2²), got {p!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-            raise ValueError(f"n must be an integer >= 2, got {n!r}")
-        self.p, self.n = p, n
+        self.p, self.n = p, positive_int(n, "n", minimum=2)
         self._cache = []
 
     def _cost(self, x: Tensor, y: Tensor) -> Tensor:
@@ -188,16 +168,11 @@ class OT:
 
     def _solve(self, samples: Tensor, reference_samples: Tensor):
         """(optimal cost, reference points (m, d), their potentials v (m,)) for these samples."""
-        import ot  # POT: imported here so that the rest of tiltflow does not need it
-
         def compute():
             x = samples[: self.n].detach().reshape(min(self.n, samples.shape[0]), -1).double().cpu()
             y = reference_samples[: self.n].detach().reshape(min(self.n, reference_samples.shape[0]), -1).double().cpu()
-            a = np.full(x.shape[0], 1.0 / x.shape[0])
-            b = np.full(y.shape[0], 1.0 / y.shape[0])
-            M = self._cost(x, y).numpy()
-            plan, log = ot.emd(a, b, M, log=True)
-            return float(log["cost"]), y, torch.as_tensor(log["v"])
+            cost, _, v = couplings.ot_dual(self._cost(x, y).numpy(), "the OT divergence")
+            return cost, y, torch.as_tensor(v)
         return _cached(self._cache, (samples,), compute)
 
     def value(self, samples: Tensor, model=None, reference=None, reference_samples=None) -> float:

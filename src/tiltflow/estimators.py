@@ -46,8 +46,10 @@ from typing import Callable
 
 import torch
 
+from . import integrators
 from .metrics import effective_sample_size
 from .models.flow_model import FlowModel
+from .validation import positive, positive_int
 
 _LOG2PI = math.log(2 * math.pi)
 
@@ -113,17 +115,27 @@ def path_rollout(model: FlowModel, n: int, grid: torch.Tensor, generator: torch.
         x = project(x)
     xs, log_q = [x], torch.zeros(n, dtype=torch.float64, device=x.device)
     dof = _dof(x, project)
+    v = _velocity64(model, cond, project)
     for i in range(len(grid) - 1):
         s, t = float(grid[i]), float(grid[i + 1])
-        decay, w, std = model.path.exponential_coefficients(s, t)
-        v = model.velocity(x.to(torch.get_default_dtype()), s, cond).to(torch.float64)
         xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
         if project is not None:
-            v, xi = project(v), project(xi)
-        x = decay * x + 2.0 * w * v + std * xi
-        log_q += -0.5 * xi.reshape(n, -1).pow(2).sum(1) / 1.0 - dof * (math.log(std) + 0.5 * _LOG2PI)
+            xi = project(xi)
+        x = integrators.memoryless_step(model.path, v, x, s, t, xi, scheme="exponential_all")
+        std = model.path.exponential_coefficients(s, t)[2]
+        log_q += -0.5 * xi.reshape(n, -1).pow(2).sum(1) - dof * (math.log(std) + 0.5 * _LOG2PI)
         xs.append(x)
     return torch.stack(xs), log_q
+
+
+def _velocity64(model: FlowModel, cond, project: Callable | None):
+    """model's velocity as a float64 callable (x, t) for float64 paths: the network runs in the
+    default dtype; the velocity is projected like the path."""
+    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        dt = torch.get_default_dtype()
+        out = model.velocity(x.to(dt), t.to(dt), cond).to(torch.float64)
+        return out if project is None else project(out)
+    return v
 
 
 def _dof(x, project):
@@ -140,13 +152,13 @@ def base_log_path(base: FlowModel, xs: torch.Tensor, grid: torch.Tensor, cond=No
     """Σ_i log p_base(X_{i+1} | X_i) of given paths xs (steps + 1, n, *dims); returns (n,) float64."""
     n, dof = xs.shape[1], _dof(xs[0], project)
     out = torch.zeros(n, dtype=torch.float64, device=xs.device)
+    v = _velocity64(base, cond, project)
     for i in range(len(grid) - 1):
+        # the density of integrators.memoryless_step(..., scheme="exponential_all"); its mean is
+        # spelled out here so that the residual keeps its rounding (the step's mean differs in ulps)
         s, t = float(grid[i]), float(grid[i + 1])
         decay, w, std = base.path.exponential_coefficients(s, t)
-        v = base.velocity(xs[i].to(torch.get_default_dtype()), s, cond).to(torch.float64)
-        if project is not None:
-            v = project(v)
-        res = xs[i + 1] - decay * xs[i] - 2.0 * w * v
+        res = xs[i + 1] - decay * xs[i] - 2.0 * w * v(xs[i], torch.full((n,), s, dtype=torch.float64))
         out += -0.5 * res.reshape(n, -1).pow(2).sum(1) / std**2 - dof * (math.log(std) + 0.5 * _LOG2PI)
     return out
 
@@ -181,9 +193,8 @@ def _prior_log_prob(x0: torch.Tensor, project) -> torch.Tensor:
 def _check(model, n, steps):
     if not isinstance(model, FlowModel):
         raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
-    for name, v in (("n", n), ("steps", steps)):
-        if not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    positive_int(n, "n")
+    positive_int(steps, "steps")
 
 
 def jarzynski(model: FlowModel, base: FlowModel, reward: Callable, lam: float = 1.0, n: int = 4096,
@@ -194,10 +205,9 @@ def jarzynski(model: FlowModel, base: FlowModel, reward: Callable, lam: float = 
     Returns PathWeights over the terminal samples; log_Z, ess, elbo, expectation(f).
     """
     _check(model, n, steps)
-    if not lam > 0:
-        raise ValueError(f"lam must be positive, got {lam}")
+    positive(lam, "lam")
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    grid = integrators.time_grid(steps, dtype=torch.float64)
     xs, log_q = path_rollout(model, n, grid, gen, cond, project)
     log_p = base_log_path(base, xs, grid, cond, project)
     from .rewards import check_reward
@@ -222,7 +232,7 @@ def crooks(model: FlowModel, log_density: Callable, n: int = 4096, steps: int = 
 def _crooks_forward(model, log_density, n, steps, seed, cond, project):
     """(PathWeights of n model paths, the generator after them, the time grid): crooks' work."""
     gen = torch.Generator(device=model.device).manual_seed(seed)
-    grid = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
+    grid = integrators.time_grid(steps, dtype=torch.float64)
     xs, log_q = path_rollout(model, n, grid, gen, cond, project)
     weights = PathWeights(_crooks_log_w(model, log_density, xs, log_q, grid, project),
                           xs[-1].to(torch.get_default_dtype()))

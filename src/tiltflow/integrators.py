@@ -12,14 +12,14 @@ from typing import Callable
 import torch
 
 from .paths import AffinePath
+from .validation import positive_int
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def time_grid(steps: int, t0: float = 0.0, t1: float = 1.0, device=None, dtype=None) -> torch.Tensor:
     """Uniform grid t0 = t_0 < ... < t_steps = t1; returns (steps + 1,)."""
-    if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    positive_int(steps, "steps")
     if not 0.0 <= t0 < t1 <= 1.0:
         raise ValueError(f"need 0 <= t0 < t1 <= 1, got t0={t0}, t1={t1}")
     return torch.linspace(t0, t1, steps + 1, device=device, dtype=dtype or torch.get_default_dtype())
@@ -88,6 +88,9 @@ def memoryless_step(path: AffinePath, v: Velocity, x: torch.Tensor, s: float, t:
         problem and starts at t = 0 with no clipping. The step that ends at t = 1 is the
         posterior step below (X_1 = ŷ): near t = 1 the velocity of sharp data grows like
         (y − x)/(1 − t) and an explicit step overshoots, while ŷ is exact there.
+    scheme "exponential_all": the exponential step on every step, the one into t = 1 included,
+        so that every transition X_t | X_s is Gaussian with a density (the path estimators of
+        estimators.py need them).
     scheme "posterior": the Gaussian DDPM posterior step (paths.posterior_coefficients)
         X_t = c x + (α_t − c α_s) ŷ + std ξ,  ŷ = E[x1 | x] from v(x, s). Exact for point-mass
         data but it ignores the spread of x1 given x and under-disperses (−3 % variance at 50
@@ -96,7 +99,7 @@ def memoryless_step(path: AffinePath, v: Velocity, x: torch.Tensor, s: float, t:
     """
     s, t = float(s), float(t)
     vs = v(x, _tvec(torch.as_tensor(s), x))
-    if scheme == "exponential" and t < 1.0:
+    if scheme == "exponential_all" or (scheme == "exponential" and t < 1.0):
         decay, w, std = path.exponential_coefficients(s, t)
         out = decay * x + (2.0 * w) * vs
     elif scheme in ("posterior", "exponential"):
@@ -105,7 +108,7 @@ def memoryless_step(path: AffinePath, v: Velocity, x: torch.Tensor, s: float, t:
         y = path.velocity_to_x1(vs, x, torch.tensor(s, dtype=x.dtype))
         out = c * x + (a_t - c * a_s) * y
     else:
-        raise ValueError(f"scheme must be 'exponential' or 'posterior', got {scheme!r}")
+        raise ValueError(f"scheme must be 'exponential', 'exponential_all' or 'posterior', got {scheme!r}")
     return out if noise is None or std == 0.0 else out + std * noise
 
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .validation import in_interval, one_of, positive_int
+
 # Largest number of pairwise distances held in memory at once (float64: 32 MB per block).
 _PAIR_BLOCK = 2**22
 
@@ -121,8 +123,7 @@ def sliced_wasserstein(
     y = _samples(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
-    if isinstance(n_projections, bool) or not isinstance(n_projections, int) or n_projections < 1:
-        raise ValueError(f"n_projections must be a positive integer, got {n_projections!r}")
+    positive_int(n_projections, "n_projections")
     n, m, d = x.shape[0], y.shape[0], x.shape[1]
 
     device = generator.device if generator is not None else x.device
@@ -169,22 +170,13 @@ def cvar(r: torch.Tensor, level: float, tail: str = "right") -> float:
     r: (n,). level in (0, 1]; tail "right" or "left". Returns a float.
     """
     r = _values(r, "r")
-    level = _level(level)
-    if tail not in ("right", "left"):
-        raise ValueError(f"tail must be 'right' or 'left', got {tail!r}")
+    level = in_interval(level, "level", 0.0, 1.0)   # β, the tail mass: (0, 1]
+    one_of(tail, "tail", ("right", "left"))
     s = torch.sort(r, descending=(tail == "right")).values
     k = level * s.shape[0]  # tail mass measured in samples
     # weight of the i-th sample from the tail end: 1 inside, fractional at the boundary, 0 after
     w = (k - torch.arange(s.shape[0], dtype=torch.float64, device=s.device)).clamp(0.0, 1.0)
     return float((w * s).sum() / k)
-
-
-def _level(level: float) -> float:
-    if isinstance(level, bool) or not isinstance(level, (int, float)):
-        raise ValueError(f"level must be a number in (0, 1], got {level!r}")
-    if not 0.0 < level <= 1.0:
-        raise ValueError(f"level must be in (0, 1], got {level}")
-    return float(level)
 
 
 def _percent_key(p: float) -> str:
@@ -209,11 +201,8 @@ def reward_summary(
     r: (n,) with n >= 2. Returns a dict of floats.
     """
     r = _values(r, "r", min_n=2)
-    level = _level(level)
-    qs = list(quantiles)
-    for q in qs:
-        if isinstance(q, bool) or not isinstance(q, (int, float)) or not 0.0 <= q <= 1.0:
-            raise ValueError(f"quantiles must be numbers in [0, 1], got {q!r}")
+    level = in_interval(level, "level", 0.0, 1.0)
+    qs = [in_interval(q, "quantiles", 0.0, 1.0, lo_open=False) for q in quantiles]
     out = {"mean": float(r.mean()), "std": float(r.std())}
     if qs:
         values = torch.quantile(r, torch.tensor(qs, dtype=torch.float64, device=r.device))

@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.nn.functional import softplus
 
 from .metrics import cvar
+from .validation import finite, in_interval, non_negative, one_of, positive
 
 __all__ = [
     "CVaR",
@@ -73,45 +74,8 @@ _FEW_BEYOND = 50  # stage 1 warns (fixed thresholds) when fewer offline rewards 
 # --------------------------------------------------------------------------- validation
 
 
-def _as_float(value: Any, name: str) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-
-
 def _check_level(level: float) -> float:
-    beta = _as_float(level, "level")
-    if not 0.0 < beta <= 1.0:
-        raise ValueError(f"level must be in (0, 1], got {level!r}")
-    return beta
-
-
-def _check_lam(lam: float) -> float:
-    value = _as_float(lam, "lam")
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
-    return value
-
-
-def _check_tail(tail: str) -> str:
-    if tail not in _TAILS:
-        raise ValueError(f"tail must be 'right' or 'left', got {tail!r}")
-    return tail
-
-
-def _check_smoothing(smoothing: float) -> float:
-    tau = _as_float(smoothing, "smoothing")
-    if not (math.isfinite(tau) and tau >= 0.0):
-        raise ValueError(f"smoothing must be a finite number >= 0, got {smoothing!r}")
-    return tau
-
-
-def _check_eta(eta: float) -> float:
-    value = _as_float(eta, "eta")
-    if not math.isfinite(value):
-        raise ValueError(f"eta must be a finite number, got {eta!r}")
-    return value
+    return in_interval(level, "level", 0.0, 1.0)   # β, the tail mass: (0, 1]
 
 
 def _check_rewards(rewards: Any, name: str = "rewards") -> Tensor:
@@ -162,8 +126,8 @@ def cvar_pseudo_reward(
     r: (batch,) rewards. Returns (batch,).
     """
     beta = _check_level(level)
-    _check_tail(tail)
-    tau = _check_smoothing(smoothing)
+    one_of(tail, "tail", _TAILS)
+    tau = non_negative(smoothing, "smoothing")
     if beta == 1.0:
         # β = 1: CVaR is the mean and every η ≤ min r (right) / ≥ max r (left) is optimal; the
         # hinge then equals r − η on the offline batch. Dropping it makes g = r − η everywhere,
@@ -181,7 +145,7 @@ def tail_fraction(r: Tensor, eta: float, tail: str) -> float:
     finetune logs it per iteration as a convergence diagnostic.
     """
     r = r.detach()
-    return float(((r > eta) if _check_tail(tail) == "right" else (r < eta)).double().mean())
+    return float(((r > eta) if one_of(tail, "tail", _TAILS) == "right" else (r < eta)).double().mean())
 
 
 @dataclass(frozen=True)
@@ -227,8 +191,9 @@ class TrackedCVaRPseudoReward:
     """
 
     def __init__(self, reward: Reward, eta0: float, level: float, tail: str, smoothing: float = 0.0):
-        self.reward, self.eta0 = reward, _check_eta(eta0)
-        self.level, self.tail, self.smoothing = _check_level(level), _check_tail(tail), _check_smoothing(smoothing)
+        self.reward, self.eta0 = reward, finite(eta0, "eta")
+        self.level, self.tail = _check_level(level), one_of(tail, "tail", _TAILS)
+        self.smoothing = non_negative(smoothing, "smoothing")
         self.eta = self.eta0
 
     def __call__(self, x: Tensor, cond: Any = None) -> Tensor:
@@ -253,8 +218,8 @@ def threshold_dual(
     rewards: (n,) rewards of base samples. eta: scalar or (m,). Returns () or (m,), float64.
     """
     r = _check_rewards(rewards).detach().to("cpu", torch.float64)
-    beta, lam = _check_level(level), _check_lam(lam)
-    _check_tail(tail)
+    beta, lam = _check_level(level), positive(lam, "lam")
+    one_of(tail, "tail", _TAILS)
     eta_t = torch.as_tensor(eta, dtype=torch.float64)
     if not bool(torch.isfinite(eta_t).all()):
         raise ValueError(f"eta must be finite, got {eta!r}")
@@ -353,8 +318,8 @@ def solve_threshold(rewards: Tensor, level: float, lam: float, tail: str) -> Thr
     rewards: (n,) rewards of base samples (no grad needed).
     """
     r = _check_rewards(rewards).detach().to("cpu", torch.float64)
-    beta, lam = _check_level(level), _check_lam(lam)
-    _check_tail(tail)
+    beta, lam = _check_level(level), positive(lam, "lam")
+    one_of(tail, "tail", _TAILS)
     # F(η; r + s) = F(η − s; r) + s: centre the rewards so r/(βλ) stays small in magnitude.
     centre = 0.5 * (r.max() + r.min())
     r_sorted, _ = torch.sort(r - centre)
@@ -395,7 +360,7 @@ class ExpectedReward:
 
     def pseudo_reward(self, x_offline: Tensor | None, lam: float, cond: Any = None) -> Reward:
         """Returns the reward itself (x_offline is not needed; accepted for a common API)."""
-        _check_lam(lam)
+        positive(lam, "lam")
         return self.reward
 
     def value(self, x: Tensor, cond: Any = None) -> float:
@@ -428,8 +393,8 @@ class CVaR:
             raise ValueError(f"reward must be callable, got {type(reward).__name__}")
         self.reward = reward
         self.level = _check_level(level)
-        self.tail = _check_tail(tail)
-        self.smoothing = _check_smoothing(smoothing)
+        self.tail = one_of(tail, "tail", _TAILS)
+        self.smoothing = non_negative(smoothing, "smoothing")
         # Self-consistent threshold in stage 2 (TrackedCVaRPseudoReward: η = the tail quantile of
         # each rollout batch): on by default for the right tail, where the offline η̂ is biased
         # and a fixed threshold stalls or overshoots; the left tail converges with η̂ fixed.
@@ -450,7 +415,7 @@ class CVaR:
         rewards: (n,) their rewards r(x_offline, cond), already computed (finetune draws and
         rewards the offline batch a micro-batch at a time); x_offline and cond are then unused.
         """
-        lam = _check_lam(lam)
+        lam = positive(lam, "lam")
         if rewards is not None:
             r = rewards
         elif x_offline is None:
@@ -475,7 +440,7 @@ class CVaR:
     def pseudo_reward_at(self, eta: float) -> CVaRPseudoReward:
         """g_η(r(x)) for a given threshold η."""
         return CVaRPseudoReward(
-            self.reward, _check_eta(eta), self.level, self.tail, self.smoothing
+            self.reward, finite(eta, "eta"), self.level, self.tail, self.smoothing
         )
 
     def value(self, x: Tensor, cond: Any = None) -> float:

@@ -16,6 +16,7 @@ import torch
 
 # image rewards on pixels and latents (image_rewards.py; transformers is imported only when one is built)
 from .image_rewards import Aesthetic, CLIPScore, Decoded, ImageReward, PickScore, Weighted  # noqa: F401
+from .validation import finite, positive
 
 
 def _param(v, name: str, ndim: int) -> torch.Tensor:
@@ -26,18 +27,6 @@ def _param(v, name: str, ndim: int) -> torch.Tensor:
     if not torch.isfinite(t).all():
         raise ValueError(f"{name} contains NaN or inf")
     return t
-
-
-def _finite(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _positive(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
 
 
 def _flat(x: torch.Tensor, d: int) -> torch.Tensor:
@@ -100,7 +89,7 @@ class NegSquaredDistance:
 
     def __init__(self, point, scale: float = 1.0):
         self.point = _param(point, "point", 1)
-        self.scale = _positive(scale, "scale")
+        self.scale = positive(scale, "scale")
 
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         x = _flat(x, self.point.shape[0])
@@ -118,8 +107,8 @@ class GaussianBump:
 
     def __init__(self, center, width: float = 0.5, height: float = 1.0):
         self.center = _param(center, "center", 1)
-        self.width = _positive(width, "width")
-        self.height = _finite(height, "height")
+        self.width = positive(width, "width")
+        self.height = finite(height, "height")
 
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         x = _flat(x, self.center.shape[0])

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from .methods.finetune import FinetuneConfig
+from .validation import one_of, positive, positive_int
 
 
 @dataclass
@@ -73,6 +74,23 @@ class RunConfig:
     out: str = "runs/sd"                  # run folder
     resume: bool = False                  # continue from the newest checkpoint in `out`
 
+    def __post_init__(self):
+        if not isinstance(self.base, str) or not self.base:
+            raise ValueError("base must name a diffusers pipeline: a folder written by save_pretrained or a hub id "
+                             "in the local Hugging Face cache, e.g. base = \"stabilityai/stable-diffusion-3.5-medium\"")
+        if not isinstance(self.prompts, list) or not self.prompts or \
+                not all(isinstance(p, str) and p for p in self.prompts):
+            raise ValueError(f"prompts must be a non-empty list of strings, got {self.prompts!r}")
+        if not isinstance(self.validation_prompts, list) or not all(isinstance(p, str) for p in self.validation_prompts):
+            raise ValueError(f"validation_prompts must be a list of strings, got {self.validation_prompts!r}")
+        one_of(self.objective, "objective", ("expected", "cvar"))
+        positive_int(self.validation_every, "validation_every", minimum=0)
+        positive_int(self.validation_n, "validation_n")
+        positive_int(self.validation_steps, "validation_steps")
+        if not isinstance(self.reward_options, dict):
+            raise ValueError(f"reward_options must be a table of keyword arguments, got {self.reward_options!r}")
+        positive(self.guidance_scale, "guidance_scale")
+
 
 # --- reading ---------------------------------------------------------------------------------------
 
@@ -83,7 +101,7 @@ def _toml():
         try:
             import tomli as tomllib
         except ModuleNotFoundError:
-            raise ImportError("reading TOML run configs on Python 3.10 needs tomli: pip install tomli "
+            raise ImportError("reading TOML run configs on Python 3.10 needs tomli: pip install 'tiltflow[config]' "
                               "(Python 3.11+ has tomllib built in)") from None
     return tomllib
 
@@ -96,8 +114,8 @@ def _yaml():
     try:
         import yaml
     except ModuleNotFoundError:
-        raise ImportError("reading YAML run configs needs PyYAML (installed with tiltflow[diffusers]): "
-                          "pip install 'tiltflow[diffusers]' or pip install pyyaml") from None
+        raise ImportError("reading YAML run configs needs PyYAML: "
+                          "pip install 'tiltflow[config]' (or tiltflow[diffusers])") from None
     return yaml
 
 
@@ -140,31 +158,8 @@ def split(values: dict) -> tuple[RunConfig, dict]:
         if k not in types:
             raise ValueError(f"unknown setting {k!r}; valid keys: {', '.join(valid_keys())}")
         ft[k] = tuple(v) if isinstance(v, list) and "tuple" in str(types[k]) else v
-    _check(run)
     FinetuneConfig(**ft)      # unknown or mistyped fields surface here; values are checked by finetune
     return run, ft
-
-
-def _check(run: RunConfig) -> None:
-    if not isinstance(run.base, str) or not run.base:
-        raise ValueError("base must name a diffusers pipeline: a folder written by save_pretrained or a "
-                         "hub id in the local Hugging Face cache, e.g. base = \"stabilityai/stable-diffusion-3.5-medium\"")
-    if not isinstance(run.prompts, list) or not run.prompts or not all(isinstance(p, str) and p for p in run.prompts):
-        raise ValueError(f"prompts must be a non-empty list of strings, got {run.prompts!r}")
-    if not isinstance(run.validation_prompts, list) or not all(isinstance(p, str) for p in run.validation_prompts):
-        raise ValueError(f"validation_prompts must be a list of strings, got {run.validation_prompts!r}")
-    if run.objective not in ("expected", "cvar"):
-        raise ValueError(f"objective must be 'expected' or 'cvar', got {run.objective!r}")
-    for name in ("validation_every", "validation_n", "validation_steps"):
-        v = getattr(run, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "validation_every" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'validation_every' else 'positive'} "
-                             f"integer, got {v!r}")
-    if not isinstance(run.reward_options, dict):
-        raise ValueError(f"reward_options must be a table of keyword arguments, got {run.reward_options!r}")
-    if isinstance(run.guidance_scale, bool) or not isinstance(run.guidance_scale, (int, float)) \
-            or not 0 < run.guidance_scale < math.inf:
-        raise ValueError(f"guidance_scale must be a positive number, got {run.guidance_scale!r}")
 
 
 # --- rewards by name -------------------------------------------------------------------------------
@@ -308,10 +303,11 @@ def load_pipeline(base: str, dtype=None):
     return cls.from_pretrained(folder, local_files_only=True, torch_dtype=da._dtype(dtype), **absent)
 
 
-def run_finetune(run: RunConfig, ft: dict, progress: bool = True):
+def run_finetune(run: RunConfig, ft: dict, progress: bool = True, report_to: str = "none"):
     """Fine-tune the pipeline `run.base` as the run config says; returns the fine-tuned FlowModel.
 
-    ft: FinetuneConfig keyword arguments (lam, iters, ...)."""
+    ft: FinetuneConfig keyword arguments (lam, iters, ...); report_to: experiment tracking
+    ("none", "tensorboard", "wandb"). Under torchrun only rank 0 writes run_config.json."""
     from . import checkpoint as ckpt
     from . import distributed as dist
     from .methods.finetune import finetune
@@ -340,7 +336,8 @@ def run_finetune(run: RunConfig, ft: dict, progress: bool = True):
         callback, _ = validation_callback(run, pipe, val_conds, run.validation_every,
                                           ft.get("iters", FinetuneConfig.iters), ft.get("seed", 0))
     out = Path(run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(out / "run_config.json", {**asdict(run), **ft})
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(out / "run_config.json", {**asdict(run), **ft})
     return finetune(base, objective, out=out, resume=run.resume, progress=progress, prompts=cond,
-                    callback=callback, **ft)
+                    callback=callback, report_to=report_to, **ft)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .metrics import cvar as empirical_cvar
 from .objectives import CVaR, ExpectedReward, cvar_pseudo_reward
+from .validation import finite, in_interval, non_negative, one_of, positive, positive_int
 
 __all__ = [
     "CVaRUtility", "Entropy", "ExpectedRewardUtility", "ExperimentDesign", "KernelDiversity",
@@ -55,18 +56,6 @@ Reward = Callable[..., Tensor]
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _positive(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < math.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {v!r}")
-    return float(v)
-
-
-def _nonneg(v, name: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < math.inf:
-        raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-    return float(v)
 
 
 def _callable(f, name: str):
@@ -176,7 +165,7 @@ class Novelty:
     curvature = 0.0
 
     def __init__(self, reference, bandwidth: float = 0.3):
-        self.bandwidth = _positive(bandwidth, "bandwidth")
+        self.bandwidth = positive(bandwidth, "bandwidth")
         if isinstance(reference, Tensor):
             if reference.ndim < 2 or reference.shape[0] < 1 or not torch.isfinite(reference).all():
                 raise ValueError("reference must be finite samples (m, *dims) or a log-density callable")
@@ -223,11 +212,9 @@ class CVaRUtility:
 
     def __init__(self, reward: Reward, level: float = 0.1, tail: str = "right", smoothing: float = 0.0):
         self.reward = _callable(reward, "reward")
-        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level <= 1.0:
-            raise ValueError(f"level must be in (0, 1], got {level!r}")
-        if tail not in ("left", "right"):
-            raise ValueError(f"tail must be 'right' or 'left', got {tail!r}")
-        self.level, self.tail, self.smoothing = float(level), tail, _nonneg(smoothing, "smoothing")
+        self.level = in_interval(level, "level", 0.0, 1.0)   # β, the tail mass: (0, 1]
+        self.tail = one_of(tail, "tail", ("right", "left"))
+        self.smoothing = non_negative(smoothing, "smoothing")
 
     def value(self, samples: Tensor, model=None) -> float:
         with torch.no_grad():
@@ -255,9 +242,7 @@ class MeanVariance:
 
     def __init__(self, reward: Reward, kappa: float = 1.0):
         self.reward = _callable(reward, "reward")
-        if isinstance(kappa, bool) or not isinstance(kappa, (int, float)) or not math.isfinite(kappa):
-            raise ValueError(f"kappa must be a finite number, got {kappa!r}")
-        self.kappa = float(kappa)
+        self.kappa = finite(kappa, "kappa")
 
     def value(self, samples: Tensor, model=None) -> float:
         with torch.no_grad():
@@ -293,12 +278,8 @@ class Entropy:
     curvature = 1.0
 
     def __init__(self, eps: float = 0.02, steps: int = 50):
-        self.eps = _positive(eps, "eps")
-        if not self.eps < 0.5:
-            raise ValueError(f"eps must be in (0, 0.5), got {eps!r}")
-        if not isinstance(steps, int) or steps <= 0:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        self.steps = steps
+        self.eps = in_interval(eps, "eps", 0.0, 0.5, hi_open=True)
+        self.steps = positive_int(steps, "steps")
 
     def value(self, samples: Tensor, model) -> float:
         return float(-model.log_prob(samples, steps=self.steps).double().mean())
@@ -319,7 +300,7 @@ class KernelDiversity:
     curvature = 0.0
 
     def __init__(self, bandwidth: float = 0.5):
-        self.bandwidth = _positive(bandwidth, "bandwidth")
+        self.bandwidth = positive(bandwidth, "bandwidth")
 
     def _k(self, x: Tensor, y: Tensor) -> Tensor:
         d2 = torch.cdist(x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1).to(x)).pow(2)
@@ -354,7 +335,7 @@ class ExperimentDesign:
 
     def __init__(self, features: Callable | None = None, reg: float = 1e-3):
         self.features = None if features is None else _callable(features, "features")
-        self.reg = _nonneg(reg, "reg")
+        self.reg = non_negative(reg, "reg")
 
     def phi(self, x: Tensor) -> Tensor:
         f = x.reshape(x.shape[0], -1) if self.features is None else self.features(x)

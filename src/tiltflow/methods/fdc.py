@@ -66,7 +66,9 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..divergences import KL, log_ratio
 from ..models.flow_model import FlowModel
+from ..tracking import REPORT_TO, Tracker, get_logger
 from ..utilities import as_utility, model_score
+from ..validation import one_of
 from .finetune import _OPTIONAL_KEYS, FinetuneConfig, _validate as _validate_inner, finetune
 
 __all__ = ["FDCConfig", "fdc"]
@@ -293,7 +295,7 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         density: str = "model", score_eps: float | None = None, score_steps: int = 10, backtrack: int = 2,
         tol: float = 0.02,
         out=None, resume: bool = False, progress: bool = True, callback: Callable | None = None,
-        **kwargs) -> FlowModel:
+        report_to: str = "none", **kwargs) -> FlowModel:
     """Flow Density Control: fine-tune `model` toward argmax_p F(p) − λ·D(p‖p_model).
 
     utility: a utility (tiltflow.utilities), an objective (ExpectedReward, CVaR) or a reward.
@@ -314,7 +316,9 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     kwargs: FinetuneConfig fields of every inner Adjoint Matching run (iters, batch_size, steps,
     lr, init, seed, ...); outer iteration k uses seed + k.
     out / resume: run folder and continuation (module docstring). callback(k, record) after
-    each outer iteration's evaluation. Returns the last iterate p_K (the input is untouched).
+    each outer iteration's evaluation. report_to: "none", "tensorboard" or "wandb": each outer
+    iteration's record (the log.jsonl line) is also sent there, at step k, by rank 0 (tracking.Tracker;
+    the inner runs are not tracked). Returns the last iterate p_K (the input is untouched).
     """
     if not isinstance(model, FlowModel):
         raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
@@ -327,6 +331,7 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
                     n_kl=n_kl, density=density, score_eps=score_eps, score_steps=score_steps, backtrack=backtrack,
                     tol=tol)
     _validate(cfg)
+    one_of(report_to, "report_to", REPORT_TO)
     if cfg.density == "tilts" and float(getattr(utility, "curvature", 0.0)) > 0 and getattr(
             divergence, "needs_samples", False) and cfg.lam > 0:
         raise ValueError(f"density='tilts' cannot give {divergence!r} the log-ratio of an iterate tilted by "
@@ -388,10 +393,12 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
             records = [r for r in logged if r.get("outer", 1e9) <= start]
         if main:
             ckpt.atomic_write_text(run / "log.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    # the logger is fetched at run time, so its default handler follows the user's logging setup then
+    logger = get_logger("fdc")
     if progress:
-        print(f"tiltflow fdc: {config_record['utility']} − {cfg.lam:g}·{config_record['divergence']}  "
-              + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()) + f" gamma={gamma:.4g}  inner: "
-              + " ".join(f"{k}={v}" for k, v in asdict(inner).items()))
+        logger.info(f"tiltflow fdc: {config_record['utility']} − {cfg.lam:g}·{config_record['divergence']}  "
+                    + " ".join(f"{k}={v}" for k, v in asdict(cfg).items()) + f" gamma={gamma:.4g}  inner: "
+                    + " ".join(f"{k}={v}" for k, v in asdict(inner).items()))
 
     def evaluate(model_k: FlowModel) -> dict:
         return _evaluate(model_k, reference, utility, divergence, cfg.lam, cfg, seed, ref_samples,
@@ -402,10 +409,12 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         records.append(rec)
         if run is not None and main:
             ckpt.append_jsonl(run / "log.jsonl", rec)
+        tracker.log(rec, step=k)
         if progress:
             shown = " ".join(f"{key}={rec[key]:.4g}" for key in ("utility", "divergence", "objective", "kl", "gamma")
                              if rec.get(key) is not None)
-            print(f"fdc outer {k}/{cfg.iters_outer}: {shown}" + ("" if rec.get("accepted", True) else " (rejected)"))
+            logger.info(f"fdc outer {k}/{cfg.iters_outer}: {shown}"
+                        + ("" if rec.get("accepted", True) else " (rejected)"))
         if callback is not None:
             callback(k, rec)
 
@@ -427,59 +436,62 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         return _linearisation(utility, divergence, cfg.lam, density_k, reference_density, samples, ref_samples, k,
                               reference)
 
-    if start > 0:
-        current = FlowModel.load(run / f"outer_{start:02d}" / "model.safetensors", device=device)
-        current.requires_grad_(False)
-        if cfg.density == "tilts":      # resume: rebuild the tilts of the accepted iterations
-            for j in range(start):
-                rec = next(r for r in records if r.get("outer") == j + 1)
-                if rec.get("accepted", True):
-                    model_j = reference if j == 0 else FlowModel.load(run / f"outer_{j:02d}" / "model.safetensors",
-                                                                      device=device)
-                    tilted = _TiltedDensity(reference_density, tilted, rec["gamma"], linearise(j, model_j))
-    if not any(r.get("outer") == start for r in records):
-        log(start, evaluate(current))
-    gamma_k = records[-1].get("gamma_next", gamma)
-    inner_kwargs = {k: v for k, v in asdict(inner).items() if k not in ("lam", "seed", "init", "iters")}
-    for k in range(start, cfg.iters_outer):
-        t0 = time.perf_counter()
-        g = linearise(k, current)
-        prev = records[-1].get("objective")
-        # p_k is still the base (k = 0, or every step so far rejected): build the trainable model anew
-        first = current is reference or (trainable_later is not None and not any(
-            trainable_later(n, q) for n, q in current.named_parameters()))
-        tried = []
-        for attempt in range(cfg.backtrack + 1):
-            sub = None if run is None else run / (f"outer_{k + 1:02d}" + (f"_try{attempt}" if attempt else ""))
-            cand = finetune(current, _Fixed(g), lam=1.0 / gamma_k, iters=inner.iters, out=sub,
-                            resume=bool(resume and sub is not None and (sub / "config.json").is_file()),
-                            progress=progress, seed=seed + k, init=init0 if first else "copy",
-                            trainable=None if first else trainable_later, **inner_kwargs)
-            rec = evaluate(cand)
-            tried.append({"gamma": gamma_k, "objective": rec.get("objective")})
-            # Keep a step only if the objective did not fall (beyond Monte Carlo slack tol).
-            accepted = (cfg.backtrack == 0 or prev is None or rec.get("objective") is None
-                        or rec["objective"] >= prev - cfg.tol)
-            if accepted or attempt == cfg.backtrack:
-                break
-            if progress:
-                print(f"fdc outer {k + 1}: F − λD {rec['objective']:.4g} < {prev:.4g} − tol at "
-                      f"γ = {gamma_k:.4g}; retrying with γ = {gamma_k / 2:.4g}")
-            gamma_k /= 2
-        step_gamma = gamma_k
-        if accepted:
-            current = cand
-            tilted = _TiltedDensity(reference_density, tilted, step_gamma, g)
-        else:
-            rec = {key: records[-1][key] for key in ("utility", "divergence", "objective", "kl", "time_eval")
-                   if key in records[-1]}
-            gamma_k /= 2
-        if run is not None and main and (not accepted or len(tried) > 1):
-            current.save(run / f"outer_{k + 1:02d}" / "model.safetensors")   # the iterate kept
-        log(k + 1, {**rec, "time_inner": time.perf_counter() - t0, "gamma": step_gamma, "accepted": accepted,
-                    "tried": tried, "gamma_next": gamma_k})
+    # rank 0 tracks the log.jsonl records; closed however the loop ends
+    with Tracker(report_to, run_dir=run, name=run.name if run is not None else "fdc", config=config_record,
+                 enabled=main) as tracker:
+        if start > 0:
+            current = FlowModel.load(run / f"outer_{start:02d}" / "model.safetensors", device=device)
+            current.requires_grad_(False)
+            if cfg.density == "tilts":      # resume: rebuild the tilts of the accepted iterations
+                for j in range(start):
+                    rec = next(r for r in records if r.get("outer") == j + 1)
+                    if rec.get("accepted", True):
+                        model_j = reference if j == 0 else FlowModel.load(
+                            run / f"outer_{j:02d}" / "model.safetensors", device=device)
+                        tilted = _TiltedDensity(reference_density, tilted, rec["gamma"], linearise(j, model_j))
+        if not any(r.get("outer") == start for r in records):
+            log(start, evaluate(current))
+        gamma_k = records[-1].get("gamma_next", gamma)
+        inner_kwargs = {k: v for k, v in asdict(inner).items() if k not in ("lam", "seed", "init", "iters")}
+        for k in range(start, cfg.iters_outer):
+            t0 = time.perf_counter()
+            g = linearise(k, current)
+            prev = records[-1].get("objective")
+            # p_k is still the base (k = 0, or every step so far rejected): build the trainable model anew
+            first = current is reference or (trainable_later is not None and not any(
+                trainable_later(n, q) for n, q in current.named_parameters()))
+            tried = []
+            for attempt in range(cfg.backtrack + 1):
+                sub = None if run is None else run / (f"outer_{k + 1:02d}" + (f"_try{attempt}" if attempt else ""))
+                cand = finetune(current, _Fixed(g), lam=1.0 / gamma_k, iters=inner.iters, out=sub,
+                                resume=bool(resume and sub is not None and (sub / "config.json").is_file()),
+                                progress=progress, seed=seed + k, init=init0 if first else "copy",
+                                trainable=None if first else trainable_later, **inner_kwargs)
+                rec = evaluate(cand)
+                tried.append({"gamma": gamma_k, "objective": rec.get("objective")})
+                # Keep a step only if the objective did not fall (beyond Monte Carlo slack tol).
+                accepted = (cfg.backtrack == 0 or prev is None or rec.get("objective") is None
+                            or rec["objective"] >= prev - cfg.tol)
+                if accepted or attempt == cfg.backtrack:
+                    break
+                if progress:
+                    logger.info(f"fdc outer {k + 1}: F − λD {rec['objective']:.4g} < {prev:.4g} − tol at "
+                                f"γ = {gamma_k:.4g}; retrying with γ = {gamma_k / 2:.4g}")
+                gamma_k /= 2
+            step_gamma = gamma_k
+            if accepted:
+                current = cand
+                tilted = _TiltedDensity(reference_density, tilted, step_gamma, g)
+            else:
+                rec = {key: records[-1][key] for key in ("utility", "divergence", "objective", "kl", "time_eval")
+                       if key in records[-1]}
+                gamma_k /= 2
+            if run is not None and main and (not accepted or len(tried) > 1):
+                current.save(run / f"outer_{k + 1:02d}" / "model.safetensors")   # the iterate kept
+            log(k + 1, {**rec, "time_inner": time.perf_counter() - t0, "gamma": step_gamma, "accepted": accepted,
+                        "tried": tried, "gamma_next": gamma_k})
 
-    if run is not None and main:
-        current.save(run / "model.safetensors")
-        ckpt.write_json(run / "metrics.json", {"final": records[-1], "outer": records, "gamma": gamma})
+        if run is not None and main:
+            current.save(run / "model.safetensors")
+            ckpt.write_json(run / "metrics.json", {"final": records[-1], "outer": records, "gamma": gamma})
     return current

@@ -58,12 +58,11 @@ import contextlib
 import inspect
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
@@ -73,6 +72,8 @@ from ..models.mlp import MLPVelocity
 from ..objectives import ExpectedReward, _call_reward, _rewards_of, tail_fraction
 from ..solvers import adjoint_matching as am
 from ..solvers import get_solver
+from ..training import Trainer, cosine
+from . import prompts as pr
 
 
 @dataclass
@@ -104,6 +105,9 @@ class FinetuneConfig:
     gradient_checkpointing: bool = False  # diffusers adapters: recompute the fine-tuned network's activations in backward
     mixed_precision: str = "no"      # "no", "bf16" or "fp16": torch.autocast on the model forward passes (fp16 adds a GradScaler)
     grid: str = "auto"               # time grid of rollouts and stage 1: "auto" the network's own (SD3: the scheduler's shifted grid), else uniform; "uniform"
+
+    def __post_init__(self):
+        _validate(self)
 
 # run settings that are left out of config.json / the config hash while at their default, so
 # runs made before they existed still resume
@@ -152,109 +156,6 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"grid must be 'auto' (the network's own time grid, else uniform) or 'uniform', got {cfg.grid!r}")
 
 
-# --- many prompts ---------------------------------------------------------------------------------
-
-def _rows(c, what: str):
-    """Row count of a condition (tensor, or dict of tensors / lists), checking they agree."""
-    if torch.is_tensor(c):
-        return 1 if c.ndim == 0 else c.shape[0]
-    if isinstance(c, (list, tuple)) and not any(torch.is_tensor(v) or isinstance(v, (dict, list, tuple)) for v in c):
-        return len(c)
-    if isinstance(c, dict) and c:
-        n = {k: _rows(v, f"{what}[{k!r}]") for k, v in c.items()}
-        if len(set(n.values())) != 1:
-            raise ValueError(f"{what} has entries with different row counts {n}")
-        return next(iter(n.values()))
-    raise ValueError(f"{what} must be a tensor or a dict of tensors (e.g. encode_prompts output), "
-                     f"got {type(c).__name__}")
-
-
-def _split_prompts(prompts) -> list:
-    """The list of per-prompt conditions: a list as given, or the rows of one batched dict."""
-    if isinstance(prompts, dict):
-        n = _rows(prompts, "prompts")
-        return [{k: v[j:j + 1] for k, v in prompts.items()} for j in range(n)]
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError(f"prompts must be a non-empty list of conditions or an encode_prompts dict, got {prompts!r}")
-    if all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts are text: encode them once with the pipeline's own encoders, "
-                         "prompts=tiltflow.models.diffusers_adapter.encode_prompts(pipe, [...]), "
-                         "and pass that (or a list of per-prompt conditions)")
-    conds = []
-    for j, c in enumerate(prompts):
-        if isinstance(c, (int, float)) and not isinstance(c, bool):
-            c = torch.tensor([c])
-        if _rows(c, f"prompts[{j}]") != 1:
-            raise ValueError(f"prompts[{j}] has {_rows(c, f'prompts[{j}]')} rows; each prompt's condition "
-                             "must have exactly one row (pass a batched encode_prompts dict to split it)")
-        conds.append(c)
-    return conds
-
-
-def _on_device(c, device):
-    """A condition (tensor, or dict/list holding tensors) with its tensors on `device`."""
-    if torch.is_tensor(c):
-        return c.to(device)
-    if isinstance(c, dict):
-        return {k: _on_device(v, device) for k, v in c.items()}
-    if isinstance(c, (list, tuple)):
-        return type(c)(_on_device(v, device) for v in c)
-    return c
-
-
-def _repeat(c, n: int):
-    """One-row condition c repeated to n rows."""
-    if torch.is_tensor(c):
-        c = c.reshape(1) if c.ndim == 0 else c
-        return c.expand(n, *c.shape[1:])
-    if isinstance(c, dict):
-        return {k: _repeat(v, n) for k, v in c.items()}
-    return list(c) * n
-
-
-def _cat(conds: list):
-    """Row-wise concatenation of conditions of the same structure."""
-    c0 = conds[0]
-    if torch.is_tensor(c0):
-        return torch.cat(conds)
-    if isinstance(c0, dict):
-        return {k: _cat([c[k] for c in conds]) for k in c0}
-    return [v for c in conds for v in c]
-
-
-def _stack_prompts(conds: list, counts) -> object:
-    """conds[p] repeated counts[p] times, in order: the condition of a pooled batch."""
-    return _cat([_repeat(c, k) for c, k in zip(conds, counts) if k > 0])
-
-
-class _PromptSchedule:
-    """Micro-batch k -> prompt π_e(k mod P), e = k div P, π_e a permutation seeded by (seed, e)."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def __call__(self, k: int) -> int:
-        e, j = divmod(k, self.n)
-        if e not in self._perms:
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + 7919 * e + 1) % 2**63)
-            self._perms = {e: torch.randperm(self.n, generator=g).tolist()}   # only the current epoch
-        return self._perms[e][j]
-
-
-def _prompt_record(conds) -> dict:
-    """What identifies the prompts in the config (count and a digest of their tensors)."""
-    import hashlib
-    h = hashlib.sha256()
-    for c in conds:
-        for k, v in sorted(c.items()) if isinstance(c, dict) else [("", c)]:
-            h.update(str(k).encode())
-            if torch.is_tensor(v):
-                h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
-            else:
-                h.update(repr(v).encode())
-    return {"count": len(conds), "sha256": h.hexdigest()[:16]}
-
-
 def _offline_batch(base: FlowModel, draws, micro: int, steps: int, gens: dict, amp, reward=None, grid="auto"):
     """Stage-1 base samples (n, *dims), or only their rewards r(x, c) as float64 (n,) when `reward` is given.
 
@@ -272,7 +173,7 @@ def _offline_batch(base: FlowModel, draws, micro: int, steps: int, gens: dict, a
             with torch.no_grad(), amp():
                 x = base.sample(m, steps=steps, sde=True, cond=c, generator=gens[i], grid=grid)
                 out.append(x if reward is None else
-                           _rewards_of(reward, x, _repeat(c, m) if repeat else c).detach().double())
+                           _rewards_of(reward, x, pr.repeat(c, m) if repeat else c).detach().double())
     if out:
         return torch.cat(out)
     return torch.zeros(0, *base.shape, device=base.device) if reward is None else \
@@ -341,59 +242,19 @@ def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(12
     return FlowModel(net, base.path, base.shape).to(base.device)
 
 
-def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *, out=None,
-             resume: bool = False, progress: bool = True, trainable: Callable | None = None,
-             cond=None, prompts=None, callback: Callable | None = None, **kwargs) -> FlowModel:
-    """Fine-tune `model` toward p* ∝ p_model · exp(g/λ); returns a new FlowModel (base untouched).
-
-    objective: an objective (ExpectedReward, CVaR, ...) or a plain reward callable r(x, cond) -> (batch,).
-    out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
-    resume: continue from the newest valid checkpoint in `out`.
-    trainable: optional filter (name, parameter) -> bool choosing which parameters train (the
-    others are frozen: no gradient memory).
-    cond: one condition for every sample; prompts: instead, a list of per-prompt conditions (or one
-    batched encode_prompts dict), one prompt per micro-batch in a shuffled cycle (module docstring).
-    Both may be strings when the model has a prompt encoder (from_diffusers with text encoders).
-    lora_rank (with lora_alpha, lora_targets): train only a float32 LoRA on a diffusers adapter, over
-    the caller's own frozen weights (one copy of the network; the returned model shares them with
-    `model`, which is otherwise left as it was); the run folder then also holds lora.safetensors
-    (models.diffusers_adapter.load_lora puts it on the base).
-    grid: "auto" rolls out on the network's own time grid (SD3: the scheduler's shifted one), "uniform".
-    kwargs: any FinetuneConfig field (batch_size, steps, lr, n_loss_times, seed, device, ...).
-    callback(iteration, record) is called after each logged iteration; a callback with a third
-    required argument gets callback(iteration, record, model) with the model being trained (e.g. to draw
-    validation samples; leave its weights alone).
-    Memory and speed (module docstring): grad_accum, loss_chunk, gradient_checkpointing, mixed_precision.
-    """
-    if not isinstance(model, FlowModel):
-        raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
+def _config(config, lam, iters, kwargs) -> FinetuneConfig:
+    """The run's FinetuneConfig: `config` (or the defaults) with lam, iters and kwargs set on it."""
+    if config is not None and not isinstance(config, FinetuneConfig):
+        raise ValueError(f"config must be a FinetuneConfig, got {type(config).__name__}")
     unknown = set(kwargs) - set(FinetuneConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown finetune options {sorted(unknown)}; valid: {sorted(FinetuneConfig.__dataclass_fields__)}")
-    cfg = FinetuneConfig(lam=lam, iters=iters, **kwargs)
-    _validate(cfg)
-    if not hasattr(objective, "pseudo_reward"):
-        if not callable(objective):
-            raise ValueError(f"objective must be an objective or a reward callable, got {objective!r}")
-        objective = ExpectedReward(objective)
-    conds = None
-    from ..models.diffusers_adapter import encode_text, release_text_encoders
-    if prompts is not None or cond is not None:   # text through the model's own prompt encoder, if any
-        prompts, cond = encode_text(model, prompts), encode_text(model, cond)
-    # the prompts are embeddings now: the text encoders (SD3's T5-XXL) leave the accelerator while
-    # training (a new prompt, e.g. in a callback, is still encoded on demand) and come back at the end
-    restore_text = release_text_encoders(model)
-    if prompts is not None:
-        if cond is not None:
-            raise ValueError("pass either cond (one condition) or prompts (several), not both")
-        conds = _split_prompts(prompts)
-    world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
-    main = rank == 0
-    device = dist.device(cfg.device, model)
-    cfg.device = dist.device_name(device)   # the run folder records the device it ran on, not "auto"
-    # conditions made on the CPU (digits.prompts(), a caller's tensor) go where the model runs
-    cond = _on_device(cond, device)
-    conds = None if conds is None else [_on_device(c, device) for c in conds]
+    given = {**({"lam": lam} if lam is not None else {}), **({"iters": iters} if iters is not None else {}), **kwargs}
+    return replace(config, **given) if config is not None else FinetuneConfig(**given)
+
+
+def _models(model: FlowModel, cfg: FinetuneConfig, device, trainable):
+    """(base, ft, named trainable parameters, checkpointed modules) of a run."""
     # the frozen base: views of the caller's weights (no copy) where they already are on `device`
     base = model.copy(share_weights=True).to(device).eval()
     if cfg.lora_rank is not None:
@@ -410,16 +271,134 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     dist.broadcast_module(ft if cfg.lora_rank is None else
                           _Params([(n, p) for n, p in ft.named_parameters() if p.requires_grad]))
     named = [(n, p) for n, p in ft.named_parameters() if p.requires_grad and (trainable is None or trainable(n, p))]
-    params = [p for _, p in named]
-    if not params:
+    if not named:
         raise ValueError("no trainable parameters (check `trainable` and `init`)")
     if trainable is not None:   # no gradients (nor their memory) for the parameters that do not train
-        chosen = {id(p) for p in params}
+        chosen = {id(p) for _, p in named}
         for p in ft.parameters():
             if id(p) not in chosen:
                 p.requires_grad_(False)
     # LoRA runs checkpoint only the LoRA weights (the rest is the base, fixed by the config hash)
-    ck_modules = {"lora": _Params(named)} if cfg.lora_rank is not None else {"model": ft}
+    modules = {"lora": _Params(named)} if cfg.lora_rank is not None else {"model": ft}
+    return base, ft, [p for _, p in named], modules
+
+
+def _stage1(objective, base, cfg, cond, conds, shards, micro, mine, gens, amp):
+    """Stage 1 of the objective (e.g. the CVaR threshold) on offline base samples of all processes.
+
+    Returns (g, g_prompt, solution): the pseudo-reward, per prompt [g_p] when the objective solves
+    one threshold per prompt (else None), and the objective's stage-1 solution(s).
+    """
+    needs_offline = getattr(objective, "needs_offline", True)
+    per_prompt = conds is not None and getattr(objective, "per_prompt", False) and needs_offline
+    # an objective that takes rewards= (CVaR) gets only the offline rewards, computed chunk by chunk
+    by_reward = needs_offline and hasattr(objective, "reward") \
+        and "rewards" in inspect.signature(objective.pseudo_reward).parameters
+    off, cond_off, r = None, cond, objective.reward if by_reward else None
+    if needs_offline and conds is None:
+        sizes = dist.shard_sizes(cfg.n_offline, shards)
+        off = dist.all_gather(_offline_batch(base, [(i, sizes[i], cond, False) for i in mine], micro, cfg.steps,
+                                             gens, amp, r, cfg.grid))
+    elif needs_offline:
+        # prompt p gets shard_sizes(n_offline, P)[p] samples, split over the shards; gathered in
+        # (shard, prompt) order, which every process knows, so each builds the pooled condition
+        P = len(conds)
+        part = [dist.shard_sizes(k, shards) for k in dist.shard_sizes(cfg.n_offline, P)]
+        if per_prompt and min(sum(q) for q in part) == 0:
+            raise ValueError(f"per-prompt thresholds need offline samples of every prompt: n_offline="
+                             f"{cfg.n_offline} < {P} prompts")
+        off = dist.all_gather(_offline_batch(base, [(i, part[p][i], conds[p], True) for i in mine for p in range(P)],
+                                             micro, cfg.steps, gens, amp, r, cfg.grid))
+        cond_off = pr.cat([pr.stack_prompts(conds, [part[p][i] for p in range(P)])
+                           for i in range(shards) if any(part[p][i] for p in range(P))])
+
+    def solve(o, c):
+        return objective.pseudo_reward(None, cfg.lam, rewards=o) if by_reward else objective.pseudo_reward(o, cfg.lam, c)
+
+    if not per_prompt:
+        return solve(off, cond_off), None, getattr(objective, "solution", None)
+    # the same offline samples as the pooled threshold, grouped by prompt: one η*_p each
+    owner = torch.tensor([p for i in range(shards) for p in range(len(conds)) for _ in range(part[p][i])],
+                         device=off.device)
+    g_prompt, solutions = [], []
+    for p, c in enumerate(conds):
+        o = off[owner == p]
+        g_prompt.append(solve(o, pr.repeat(c, o.shape[0])))
+        solutions.append(objective.solution)
+    return g_prompt[0], g_prompt, solutions
+
+
+def _micro_batch(ft, base, solver, g, c, gen, grid, micro: int, cfg: FinetuneConfig, amp, backward):
+    """One micro-batch of a finetune iteration: roll out, integrate the lean adjoint (or build the
+    other solvers' batch), backpropagate its loss / grad_accum. Returns (loss, kl, x1, g(x1), times)."""
+    ft.eval()
+    ta = time.perf_counter()
+    if solver is None:
+        with amp():
+            ro = am.rollout(ft, micro, grid, gen, c, cfg.scheme)
+        tb = time.perf_counter()
+        a1, g_val = am.terminal_adjoint(g, ro.xs[-1], cfg.lam, c)
+        # loss times first (the same draw from gen as after the sweep: the sweep draws nothing),
+        # so that the VJPs hand over the base velocity there and the loss needs no base forward
+        idx, w = am.loss_times(cfg.steps, cfg.n_loss_times, gen)
+        with amp():   # the VJPs run in low precision; ã itself is accumulated in x's float32
+            adj, v_base = am.lean_adjoint(base, ro, a1, cfg.scheme, idx)
+        tc = time.perf_counter()
+        ft.train()
+        # mean over micro-batches; the average over processes follows in the loop
+        loss, kl = am.backward_loss(ft, base, ro, adj, idx, w, cfg.loss_chunk, 1.0 / cfg.grad_accum,
+                                    backward, amp, v_base)
+        return loss, kl, ro.xs[-1], g_val, (ta, tb, tc)
+    # the other losses: one batch of end points (or paths), then their regression
+    with amp():
+        batch = solver.batch(ft, base, g, cfg.lam, micro, grid, gen, c)
+    tb = tc = time.perf_counter()
+    ft.train()
+    with amp():
+        loss, kl = solver.loss(ft, base, batch, cfg.n_loss_times, gen, c)
+    backward(loss / cfg.grad_accum)
+    return float(loss.detach()), kl, batch.x1, batch.r, (ta, tb, tc)
+
+
+def finetune(model: FlowModel, objective, lam: float | None = None, iters: int | None = None, *,
+             config: FinetuneConfig | None = None, out=None, resume: bool = False, progress: bool = True,
+             trainable: Callable | None = None, cond=None, prompts=None, callback: Callable | None = None,
+             report_to: str = "none", **kwargs) -> FlowModel:
+    """Fine-tune `model` toward p* ∝ p_model · exp(g/λ); returns a new FlowModel (base untouched).
+
+    objective: an objective (ExpectedReward, CVaR, ...) or a plain reward callable r(x, cond) -> (batch,).
+    lam, iters and kwargs (any FinetuneConfig field: batch_size, steps, lr, n_loss_times, seed,
+    device, ...) set on `config` (a FinetuneConfig; default: FinetuneConfig()).
+    out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
+    resume: continue from the newest valid checkpoint in `out`. report_to: "none", "tensorboard"
+    or "wandb" (the log.jsonl records, on rank 0).
+    trainable: optional filter (name, parameter) -> bool choosing which parameters train (the
+    others are frozen: no gradient memory).
+    cond: one condition for every sample; prompts: instead, a list of per-prompt conditions (or one
+    batched encode_prompts dict), one prompt per micro-batch in a shuffled cycle (methods/prompts.py).
+    Both may be strings when the model has a prompt encoder (from_diffusers with text encoders).
+    lora_rank (with lora_alpha, lora_targets): train only a float32 LoRA on a diffusers adapter, over
+    the caller's own frozen weights (one copy of the network; the returned model shares them with
+    `model`, which is otherwise left as it was); the run folder then also holds lora.safetensors
+    (models.diffusers_adapter.load_lora puts it on the base).
+    grid: "auto" rolls out on the network's own time grid (SD3: the scheduler's shifted one), "uniform".
+    callback(iteration, record) is called after each iteration; a callback with a third required
+    argument gets callback(iteration, record, model) with the model being trained (e.g. to draw
+    validation samples; leave its weights alone).
+    Memory and speed (module docstring): grad_accum, loss_chunk, gradient_checkpointing, mixed_precision.
+    """
+    if not isinstance(model, FlowModel):
+        raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
+    cfg = _config(config, lam, iters, kwargs)
+    if not hasattr(objective, "pseudo_reward"):
+        if not callable(objective):
+            raise ValueError(f"objective must be an objective or a reward callable, got {objective!r}")
+        objective = ExpectedReward(objective)
+    world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
+    device = dist.device(cfg.device, model)
+    cfg = replace(cfg, device=dist.device_name(device))   # the run folder records the device it ran on
+    cond, conds, restore_text = pr.prepare(model, cond, prompts, device)
+    base, ft, params, modules = _models(model, cfg, device, trainable)
     opt = torch.optim.Adam(params, lr=cfg.lr)
     solver = get_solver(cfg.solver, **cfg.solver_options)
     if solver is not None:
@@ -427,230 +406,88 @@ def finetune(model: FlowModel, objective, lam: float = 1.0, iters: int = 500, *,
     # One stream per micro-batch (shard); this process owns shards rank·grad_accum, ...
     mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)
     gens = {i: torch.Generator(device=device).manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
-    gen_names = {i: "train" if i == 0 else f"train_{i}" for i in mine}
     grid = base.time_grid(cfg.steps, cfg.grid, device=device)
     amp = _autocast(cfg.mixed_precision, device)
     # fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none
     scaler = torch.amp.GradScaler(device.type) if cfg.mixed_precision == "fp16" else None
     backward = torch.Tensor.backward if scaler is None else (lambda loss: scaler.scale(loss).backward())
 
-    # Stage 1 of the objective (e.g. the CVaR threshold) on an offline batch of base samples,
-    # drawn shard by shard and gathered, so every process solves it on the same n_offline samples.
     t_stage1 = time.perf_counter()
-    needs_offline = getattr(objective, "needs_offline", True)
-    per_prompt = conds is not None and getattr(objective, "per_prompt", False) and needs_offline
-    # an objective that takes rewards= (CVaR) gets only the offline rewards, computed chunk by chunk
-    by_reward = needs_offline and hasattr(objective, "reward") \
-        and "rewards" in inspect.signature(objective.pseudo_reward).parameters
-    off = None        # the offline rewards (n,) if by_reward, else the samples (n, *dims)
-    cond_off = cond
-    if needs_offline and conds is None:
-        sizes = dist.shard_sizes(cfg.n_offline, shards)
-        off = _offline_batch(base, [(i, sizes[i], cond, False) for i in mine], micro, cfg.steps, gens, amp,
-                             objective.reward if by_reward else None, cfg.grid)
-        off = dist.all_gather(off)
-    elif needs_offline:
-        # prompt p gets shard_sizes(n_offline, P)[p] samples, split over the shards; gathered in
-        # (shard, prompt) order, which every process knows, so each builds the pooled condition
-        part = [dist.shard_sizes(k, shards) for k in dist.shard_sizes(cfg.n_offline, len(conds))]
-        if per_prompt and min(sum(q) for q in part) == 0:
-            raise ValueError(f"per-prompt thresholds need offline samples of every prompt: n_offline="
-                             f"{cfg.n_offline} < {len(conds)} prompts")
-        off = _offline_batch(base, [(i, part[p][i], conds[p], True) for i in mine for p in range(len(conds))],
-                             micro, cfg.steps, gens, amp, objective.reward if by_reward else None, cfg.grid)
-        off = dist.all_gather(off)
-        cond_off = _cat([_stack_prompts(conds, [part[p][i] for p in range(len(conds))])
-                         for i in range(shards) if any(part[p][i] for p in range(len(conds)))])
-
-    def solve(o, c):
-        return objective.pseudo_reward(None, cfg.lam, rewards=o) if by_reward else objective.pseudo_reward(o, cfg.lam, c)
-
-    if per_prompt:
-        # the same offline samples as the pooled threshold, grouped by prompt: one η*_p each
-        owner = torch.tensor([p for i in range(shards) for p in range(len(conds)) for _ in range(part[p][i])],
-                             device=off.device)
-        g_prompt, stage1 = [], []
-        for p, c in enumerate(conds):
-            o = off[owner == p]
-            g_prompt.append(solve(o, _repeat(c, o.shape[0])))
-            stage1.append(objective.solution)
-        reward = g_prompt[0]
-    else:
-        reward = solve(off, cond_off)
-        g_prompt, stage1 = None, getattr(objective, "solution", None)
+    reward, g_prompt, stage1 = _stage1(objective, base, cfg, cond, conds, shards, micro, mine, gens, amp)
     t_stage1 = time.perf_counter() - t_stage1
     raw_reward = getattr(objective, "reward", reward)
 
-    run = None
-    start, nonfinite_total = 0, 0
-    config_record = {**asdict(cfg), "objective": repr(objective), "base": base.config(),
-                     "base_weights": ckpt.fingerprint(base), "shards": shards}
+    record = {**asdict(cfg), "objective": repr(objective), "base": base.config(),
+              "base_weights": ckpt.fingerprint(base), "shards": shards}
     for k, default in _OPTIONAL_KEYS.items():
-        if config_record[k] == default:
-            del config_record[k]
+        if record[k] == default:
+            del record[k]
     if conds is not None:
-        config_record["prompts"] = _prompt_record(conds)
-    resumable = ("iters", "steps", "grad_accum", "loss_chunk", "gradient_checkpointing")
-    chash = ckpt.config_hash(config_record, resumable)
-    if out is not None:
-        run = Path(out)
-        if main:
-            ckpt.prepare_run(out, config_record, resume, resumable_keys=resumable)
-            if stage1 is not None:
-                ckpt.write_json(run / "stage1.json", _stage1_record(stage1))
-        if resume:
-            meta = ckpt.load_latest(run, ck_modules, opt, {gen_names[i]: gens[i] for i in mine},
-                                    warn=print if main else (lambda msg: None), config_hash=chash)
-            if meta is not None:
-                start = meta["step"]
-                nonfinite_total = meta.get("extra", {}).get("nonfinite_total", 0)
-                if scaler is not None and "grad_scaler" in meta.get("extra", {}):
-                    scaler.load_state_dict(meta["extra"]["grad_scaler"])
-            if main:
-                ckpt.truncate_jsonl(run / "log.jsonl", "iter", start)
-        elif main and (run / "log.jsonl").exists():
-            (run / "log.jsonl").unlink()
-    progress = progress and main
-    if progress:
-        print(f"tiltflow finetune: {config_record['objective']}  " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items())
-              + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
+        record["prompts"] = pr.prompt_record(conds)
+    trainer = Trainer(
+        "finetune", params=params, opt=opt, modules=modules, gens=gens,
+        iters=cfg.iters, config=record,
+        resumable=("iters", "steps", "grad_accum", "loss_chunk", "gradient_checkpointing"),
+        lr_at=cosine(cfg.lr, cfg.lr_final, cfg.iters), grad_clip=cfg.grad_clip, max_nonfinite=cfg.max_nonfinite,
+        checkpoint_every=cfg.checkpoint_every, out=out, resume=resume, progress=progress, report_to=report_to,
+        scaler=scaler, postfix=("loss", "reward_mean", "kl"), hint="Lower lr, scale the reward, or check the base model",
+        banner=f"{record['objective']}  " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items())
+        + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
+    if out is not None and dist.is_main() and stage1 is not None:
+        ckpt.write_json(Path(out) / "stage1.json", _stage1_record(stage1))
+    schedule = pr.PromptSchedule(len(conds), cfg.seed) if conds is not None else None
 
-    bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not progress,
-               desc="finetune", dynamic_ncols=True)
-    record = {}
-    nonfinite_run = 0
-    schedule = _PromptSchedule(len(conds), cfg.seed) if conds is not None else None
-    if callback is not None:
-        try:    # a third required parameter asks for the model
-            inspect.signature(callback).bind(0, {})
-            with_model = False
-        except TypeError:
-            with_model = True
-    for it in bar:
+    def step(it):
         t0 = time.perf_counter()
-        if cfg.lr_final is not None:  # cosine, a function of the iteration only (resume-safe)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * it / cfg.iters))
-        opt.zero_grad(set_to_none=True)
-        losses, kls, x1s, gs = [], [], [], []
-        thresholds = []   # (η, tail) of each micro-batch's pseudo-reward (CVaR), for the log
+        losses, kls, x1s, gs, thresholds = [], [], [], [], []   # thresholds: (η, tail) per micro-batch (CVaR)
         t_roll = t_adj = 0.0
-        if conds is not None:   # the prompt of each micro-batch of this iteration (all processes)
-            pick = [schedule(it * shards + j) for j in range(shards)]
+        # the prompt of each micro-batch of this iteration (the same on all processes)
+        pick = [schedule(it * shards + j) for j in range(shards)] if conds is not None else None
         for i in mine:
-            gen = gens[i]
-            g_i = reward
-            if conds is not None:
-                cond = conds[pick[i]]
-                g_i = g_prompt[pick[i]] if per_prompt else reward
-            ft.eval()
-            ta = time.perf_counter()
-            if solver is None:
-                with amp():
-                    ro = am.rollout(ft, micro, grid, gen, cond, cfg.scheme)
-                tb = time.perf_counter()
-                a1, g_val = am.terminal_adjoint(g_i, ro.xs[-1], cfg.lam, cond)
-                # loss times first (the same draw from gen as after the sweep: the sweep draws nothing),
-                # so that the VJPs hand over the base velocity there and the loss needs no base forward
-                idx, w = am.loss_times(cfg.steps, cfg.n_loss_times, gen)
-                with amp():   # the VJPs run in low precision; ã itself is accumulated in x's float32
-                    adj, v_base = am.lean_adjoint(base, ro, a1, cfg.scheme, idx)
-                tc = time.perf_counter()
-                ft.train()
-                # mean over micro-batches; the average over processes follows in average_gradients
-                loss, kl = am.backward_loss(ft, base, ro, adj, idx, w, cfg.loss_chunk, 1.0 / cfg.grad_accum,
-                                            backward, amp, v_base)
-                x1 = ro.xs[-1]
-            else:  # the other losses: one batch of end points (or paths), then their regression
-                with amp():
-                    batch = solver.batch(ft, base, g_i, cfg.lam, micro, grid, gen, cond)
-                tb = tc = time.perf_counter()
-                ft.train()
-                with amp():
-                    loss, kl = solver.loss(ft, base, batch, cfg.n_loss_times, gen, cond)
-                x1, g_val = batch.x1, batch.r
-                backward(loss / cfg.grad_accum)
-                loss = float(loss.detach())
+            c, g_i = (cond, reward) if conds is None else (conds[pick[i]], g_prompt[pick[i]] if g_prompt else reward)
+            loss, kl, x1, g_val, (ta, tb, tc) = _micro_batch(ft, base, solver, g_i, c, gens[i], grid, micro, cfg,
+                                                             amp, backward)
             t_roll, t_adj = t_roll + (tb - ta), t_adj + (tc - tb)
             losses.append(loss)
             kls.append(kl)
             x1s.append(x1)
             gs.append(g_val)
             thresholds.append((getattr(g_i, "eta", None), getattr(g_i, "tail", None)))
-        t2 = time.perf_counter()
-        dist.average_gradients(params)
-        if scaler is not None:
-            scaler.unscale_(opt)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        local = {"loss": sum(losses) / len(losses), "kl": sum(kls) / len(kls)}
         x1 = torch.cat(x1s)
         with torch.no_grad():
             g_all = torch.cat(gs)
-            r_cond = cond if conds is None else _stack_prompts([conds[pick[i]] for i in mine], [micro] * len(mine))
+            r_cond = cond if conds is None else pr.stack_prompts([conds[pick[i]] for i in mine], [micro] * len(mine))
             # (objectives' r(x) or r(x, cond) call: a one-argument reward is accepted as well)
             r = g_all if raw_reward is reward else _call_reward(raw_reward, x1, r_cond)
-        local["diversity"] = mean_pairwise_distance(x1[:256])
+        stats = {"loss": sum(losses) / len(losses), "kl": sum(kls) / len(kls),
+                 "diversity": mean_pairwise_distance(x1[:256])}
         if all(e is not None and t is not None for e, t in thresholds):
             # fraction of each micro-batch beyond its threshold: β at the optimum (F'(η*) = 0)
-            local["tail_fraction"] = sum(tail_fraction(r_j, e, t) for r_j, (e, t) in
+            stats["tail_fraction"] = sum(tail_fraction(r_j, e, t) for r_j, (e, t) in
                                          zip(r.split(micro), thresholds)) / len(thresholds)
-        reduced = dist.mean(local)
-        # fp16: an inf gradient with a finite loss is the loss scale overflowing; the scaler skips the
-        # step and lowers the scale, which is routine, not a failure
-        overflow = scaler is not None and math.isfinite(reduced["loss"]) and not math.isfinite(gnorm)
-        if overflow:
-            scaler.step(opt)
-        elif not (math.isfinite(reduced["loss"]) and math.isfinite(gnorm)):
-            # skipped on every process alike: the loss mean and the averaged gradient are shared
-            nonfinite_run += 1
-            nonfinite_total += 1
-            if nonfinite_run >= cfg.max_nonfinite:
-                raise FloatingPointError(
-                    f"{nonfinite_run} iterations in a row (up to {it + 1}) had a NaN or inf loss or gradient "
-                    "and were skipped; no weights were changed by them. Lower lr, scale the reward, or "
-                    "check the base model")
-        else:
-            nonfinite_run = 0
-            opt.step() if scaler is None else scaler.step(opt)
-        if scaler is not None:
-            scaler.update()
-        t3 = time.perf_counter()
-
         rg = dist.all_gather(torch.stack([r.float().reshape(-1), g_all.float().reshape(-1)], 1))
-        record = {"iter": it + 1, "loss": reduced["loss"], "grad_norm": gnorm, "kl": reduced["kl"],
-                  **{f"reward_{k}": v for k, v in reward_summary(rg[:, 0]).items()},
-                  "pseudo_reward_mean": float(rg[:, 1].mean()),
-                  **({"eta": [float(g_prompt[p].eta) for p in pick]} if per_prompt else
-                     {"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
-                  **({"tail_fraction": reduced["tail_fraction"]} if "tail_fraction" in reduced else {}),
-                  "diversity": reduced["diversity"], "nonfinite_skipped": nonfinite_total,
-                  "time_rollout": t_roll, "time_adjoint": t_adj, "time_loss": t3 - t0 - t_roll - t_adj,
-                  **({"prompts": pick} if conds is not None else {}),
-                  **({"grad_scale": scaler.get_scale()} if scaler is not None else {})}
-        bar.set_postfix(loss=f"{record['loss']:.3g}", r=f"{record['reward_mean']:.3g}", kl=f"{record['kl']:.3g}")
-        if run is not None:
-            if main:
-                ckpt.append_jsonl(run / "log.jsonl", record)
-            if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iters:
-                states = dist.gather_generator_states(gens)          # collective: every process
-                if main:
-                    ckpt.save_checkpoint(run, it + 1, ck_modules, opt,
-                                         {("train" if i == 0 else f"train_{i}"): s for i, s in states.items()},
-                                         extra={"shards": shards, "nonfinite_total": nonfinite_total,
-                                                **({"grad_scaler": scaler.state_dict()} if scaler is not None else {})},
-                                         config_hash=chash)
-        if callback is not None:
-            callback(it + 1, record, ft) if with_model else callback(it + 1, record)
+        info = {**{f"reward_{k}": v for k, v in reward_summary(rg[:, 0]).items()},
+                "pseudo_reward_mean": float(rg[:, 1].mean()),
+                **({"eta": [float(g_prompt[p].eta) for p in pick]} if g_prompt else
+                   {"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
+                "time_rollout": t_roll, "time_adjoint": t_adj,
+                "time_loss": time.perf_counter() - t0 - t_roll - t_adj,
+                **({"prompts": pick} if conds is not None else {})}
+        return stats, info
+
+    try:
+        last = trainer.run(step, callback=callback, model=ft, checkpoint_extra={"shards": shards})
+    finally:
+        trainer.close()
+        restore_text()
     ft.eval()
     ft.requires_grad_(False)
-    if run is not None and main:
-        ft.save(run / "model.safetensors")
+    if out is not None and dist.is_main():
+        ft.save(Path(out) / "model.safetensors")
         from ..models import diffusers_adapter as da
         if isinstance(ft.net, da._DiffusersVelocity) and ft.net.lora is not None:
-            da.save_lora(ft, run / "lora.safetensors")
-        ckpt.write_json(run / "metrics.json", {
-            "final": record, "time_stage1": t_stage1,
-            "stage1": None if stage1 is None else _stage1_record(stage1)})
-    restore_text()
+            da.save_lora(ft, Path(out) / "lora.safetensors")
+        ckpt.write_json(Path(out) / "metrics.json", {
+            "final": last, "time_stage1": t_stage1, "stage1": None if stage1 is None else _stage1_record(stage1)})
     dist.barrier()   # the run folder is complete before any process returns
     return ft

@@ -54,26 +54,30 @@ it is split.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
+from ..couplings import pair, require_ot
+from ..couplings import plan
 from ..metrics import energy_distance
 from ..models.flow_model import FlowModel
 from ..paths import AffinePath
 from .finetune import make_finetune_model
-from .pretrain import _update_ema
+from ..tracking import get_logger
+from ..training import Trainer, constant, update_ema as _update_ema
+from .. import validation as val
 
-LOG_EVERY = 50              # steps averaged into one log.jsonl record
+LOG_EVERY = 50              # iterations averaged into one log.jsonl record
 TAU_ZERO = 1e-2             # the final temperature must be at most this ("≈ 0": ≤ 1 % pretrained mass)
 STOCHASTIC_T_MAX_GAP = 0.02  # flow="stochastic" draws t ≤ 1 − gap: the Girsanov weight ∝ 1/(1 − t) is not integrable
 N_EVAL = 2000               # model samples for the final energy distance
@@ -108,9 +112,9 @@ class GFTConfig:
     tau_start: float = 10.0          # first temperature τ_0 (weight of the pretrained term)
     tau_end: float = 1e-3            # last temperature τ_K, must be <= 0.01 (≈ 0)
     stages: int = 8                  # number of temperatures K + 1 of a named schedule
-    steps_per_stage: int = 250       # optimiser steps at each temperature
+    iters_per_stage: int = 250       # optimiser steps at each temperature
     variant: str = "conditional"     # "conditional" (coupled x1 − x0 targets) or "marginal" (empirical marginal velocity)
-    coupling: str = "ot"             # conditional variant: independent, ot (exact minibatch OT) or sinkhorn
+    coupling: str = "auto"           # conditional variant: independent, ot (exact minibatch OT), sinkhorn; auto: ot if POT is installed
     sinkhorn_reg: float = 0.05       # entropic regularisation of sinkhorn, relative to the mean pair cost
     flow: str = "deterministic"      # deterministic (uniform t, ODE) or stochastic (Girsanov-weighted t, SDE)
     batch_size: int = 256            # target pairs per step (and as many pretrained-path points), over all processes
@@ -127,20 +131,29 @@ class GFTConfig:
     max_nonfinite: int = 5           # stop after this many steps in a row skipped for a NaN/inf loss or gradient
     seed: int = 0
     device: str = "auto"             # "auto": the model's accelerator, else the GPU if any, else the CPU
+    steps_per_stage: int | None = field(default=None, metadata={"deprecated": "iters_per_stage"})
+
+    def __post_init__(self):
+        if isinstance(self.schedule, (list, np.ndarray, torch.Tensor)):
+            self.schedule = tuple(float(v) for v in self.schedule)
+        if isinstance(self.residual_hidden, list):
+            self.residual_hidden = tuple(self.residual_hidden)
+        val.resolve_renamed(self, "GFTConfig")
+        _validate(self)
+
+    @property
+    def temperatures(self) -> list[float]:
+        return temperatures(self)
 
 
 # --- validation ------------------------------------------------------------------------------
 
 def _number(name, v, lo=-math.inf, lo_open=False):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-            or v < lo or (lo_open and v == lo):
-        bound = f"> {lo}" if lo_open else f">= {lo}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
+    return val.in_interval(v, name, lo, math.inf, lo_open=lo_open, hi_open=True)
 
 
 def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return val.positive_int(v, name)
 
 
 def temperatures(cfg: GFTConfig) -> list[float]:
@@ -175,7 +188,7 @@ def temperatures(cfg: GFTConfig) -> list[float]:
 
 def _validate(cfg: GFTConfig) -> list[float]:
     taus = temperatures(cfg)
-    for name in ("steps_per_stage", "batch_size", "grad_accum", "n_pretrained", "pretrained_steps", "n_ref",
+    for name in ("iters_per_stage", "batch_size", "grad_accum", "n_pretrained", "pretrained_steps", "n_ref",
                  "checkpoint_every", "max_nonfinite"):
         _positive_int(name, getattr(cfg, name))
     _number("lr", cfg.lr, 0.0, lo_open=True)
@@ -185,9 +198,9 @@ def _validate(cfg: GFTConfig) -> list[float]:
         raise ValueError(f"ema must be in [0, 1) (0 disables averaging), got {cfg.ema!r}")
     if cfg.variant not in ("conditional", "marginal"):
         raise ValueError(f"variant must be 'conditional' or 'marginal', got {cfg.variant!r}")
-    if cfg.coupling not in ("independent", "ot", "sinkhorn"):
-        raise ValueError(f"coupling must be 'independent', 'ot' or 'sinkhorn', got {cfg.coupling!r}")
-    if cfg.variant == "marginal" and cfg.coupling != "independent":
+    if cfg.coupling not in ("auto", "independent", "ot", "sinkhorn"):
+        raise ValueError(f"coupling must be 'auto', 'independent', 'ot' or 'sinkhorn', got {cfg.coupling!r}")
+    if cfg.variant == "marginal" and cfg.coupling not in ("independent", "auto"):
         raise ValueError(f"variant='marginal' regresses on the marginal velocity of the independent coupling; "
                          f"use coupling='independent' with it, or variant='conditional' for coupling={cfg.coupling!r}")
     if cfg.flow not in ("deterministic", "stochastic"):
@@ -221,56 +234,7 @@ def check_target_samples(x, shape: tuple) -> torch.Tensor:
     return x.float()
 
 
-# --- couplings -------------------------------------------------------------------------------
-
-def _import_ot(coupling: str):
-    try:
-        import ot
-    except ImportError as e:
-        raise ImportError(f"coupling={coupling!r} needs POT: pip install 'tiltflow[ot]'") from e
-    return ot
-
-
-def coupling_plan(x0: torch.Tensor, x1: torch.Tensor, coupling: str = "ot", reg: float = 0.05) -> np.ndarray:
-    """The transport plan (n, m) between the uniform empirical measures of x0 (n, *dims) and x1 (m, *dims).
-
-    independent: 1/(nm); ot: exact OT on ‖x0_i − x1_j‖² (ot.emd); sinkhorn: entropic OT with
-    regularisation `reg` times the mean cost (ot.sinkhorn). Rows sum to 1/n and
-    columns to 1/m (sinkhorn up to its convergence tolerance).
-    """
-    n, m = x0.shape[0], x1.shape[0]
-    if coupling == "independent":
-        return np.full((n, m), 1.0 / (n * m))
-    if coupling not in ("ot", "sinkhorn"):
-        raise ValueError(f"coupling must be 'independent', 'ot' or 'sinkhorn', got {coupling!r}")
-    ot = _import_ot(coupling)
-    a = x0.detach().reshape(n, -1).double().cpu().numpy()
-    b = x1.detach().reshape(m, -1).double().cpu().numpy()
-    cost = ot.dist(a, b, metric="sqeuclidean")
-    wa, wb = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-    if coupling == "ot":
-        return ot.emd(wa, wb, cost)
-    return ot.sinkhorn(wa, wb, cost / cost.mean(), reg, numItermax=1000, stopThr=1e-6)
-
-
-def pair(x0: torch.Tensor, x1: torch.Tensor, coupling: str, generator: torch.Generator,
-         reg: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs (x0_i, x1_{j(i)}) drawn from the coupling's plan: j(i) ~ plan[i] / plan[i].sum().
-
-    x0, x1: (batch, *dims). The x0 marginal is kept exactly; for "ot" the plan is a permutation
-    (uniform weights, a vertex of the Birkhoff polytope) so x1 is kept exactly too, for
-    "sinkhorn" in expectation; "independent" keeps the given order.
-    """
-    if coupling == "independent":
-        return x0, x1
-    plan = torch.as_tensor(coupling_plan(x0, x1, coupling, reg))
-    if coupling == "ot":
-        j = plan.argmax(dim=1)
-        if torch.unique(j).numel() != x1.shape[0]:      # emd stopped before a vertex
-            j = torch.multinomial(plan / plan.sum(1, keepdim=True), 1, generator=generator)[:, 0]
-    else:
-        j = torch.multinomial(plan / plan.sum(1, keepdim=True), 1, generator=generator)[:, 0]
-    return x0, x1[j.to(x1.device)]
+coupling_plan = plan      # gft.coupling_plan, its name before couplings.py
 
 
 # --- the two regressions ---------------------------------------------------------------------
@@ -401,48 +365,64 @@ def straightness(model: FlowModel, n: int = 1000, steps: int = 100, seed: int = 
 
 # --- the loop --------------------------------------------------------------------------------
 
-def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[float] = "geometric",
-                     coupling: str = "ot", variant: str = "conditional", *, out=None, resume: bool = False,
-                     progress: bool = True, callback: Callable | None = None, **kwargs) -> FlowModel:
+def _coupling(coupling: str, variant: str) -> str:
+    """"auto": exact minibatch OT when POT is installed (the paper's choice), else the independent
+    coupling with a warning naming the extra; the marginal variant is always independent."""
+    if coupling != "auto":
+        return coupling
+    if variant == "marginal":
+        return "independent"
+    if importlib.util.find_spec("ot") is not None:
+        return "ot"
+    else:
+        get_logger("gft").warning("gradual_finetune: POT is not installed, so the coupling is 'independent' "
+                                  "(straighter paths with pip install 'tiltflow[ot]' and coupling='ot')")
+        return "independent"
+
+
+def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[float] | None = None,
+                     coupling: str | None = None, variant: str | None = None, *, config: GFTConfig | None = None,
+                     out=None, resume: bool = False, progress: bool = True, callback: Callable | None = None,
+                     report_to: str = "none", **kwargs) -> FlowModel:
     """Fine-tune `model` toward the distribution of `target_samples` by Gradual Fine-Tuning.
 
     model: a pretrained FlowModel (left untouched). target_samples: tensor or array (n, *model.shape).
-    schedule: "geometric", "linear", "cosine" (τ_start → τ_end over `stages` temperatures) or an
-      explicit non-increasing sequence of temperatures ending at <= 0.01; [0.0] is standard
-      fine-tuning (flow matching on the target samples only).
-    coupling: "independent", "ot" (exact minibatch OT) or "sinkhorn" (entropic OT); "ot" and
-      "sinkhorn" need POT (pip install 'tiltflow[ot]'). variant: "conditional" or "marginal".
-    kwargs: any other GFTConfig field (tau_start, tau_end, stages, steps_per_stage, flow, lr, ...).
+    schedule: "geometric" (default), "linear", "cosine" (τ_start → τ_end over `stages`
+      temperatures) or an explicit non-increasing sequence of temperatures ending at <= 0.01;
+      [0.0] is standard fine-tuning (flow matching on the target samples only).
+    coupling: "auto" (default: exact minibatch OT when POT is installed, else independent with a
+      warning), "independent", "ot" (exact minibatch OT) or "sinkhorn" (entropic OT); "ot" and
+      "sinkhorn" need POT (pip install 'tiltflow[ot]'). variant: "conditional" (default) or "marginal".
+    schedule, coupling, variant and kwargs (any other GFTConfig field: tau_start, tau_end, stages,
+      iters_per_stage, flow, lr, ...) set on `config` (a GFTConfig; default: GFTConfig()).
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
-      resume=True continues from its newest valid checkpoint.
-    callback(step, record) is called after each logged step.
+      resume=True continues from its newest valid checkpoint. report_to: "none", "tensorboard" or
+      "wandb" (the log.jsonl records, rank 0).
+    callback(iter, record) is called after each logged record.
     batch_size is the global batch; grad_accum splits each process's share into micro-batches.
     Under torchrun every process trains the same model on its shard; only rank 0 writes `out`.
     Returns a new FlowModel (the weight average if ema > 0) in eval mode without gradients.
     """
     if not isinstance(model, FlowModel):
         raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
+    if config is not None and not isinstance(config, GFTConfig):
+        raise ValueError(f"config must be a GFTConfig, got {type(config).__name__}")
     unknown = set(kwargs) - set(GFTConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown gradual_finetune options {sorted(unknown)}; valid: "
-                         f"{sorted(GFTConfig.__dataclass_fields__)}")
-    if not isinstance(schedule, str):
-        schedule = tuple(schedule) if isinstance(schedule, (list, tuple, np.ndarray, torch.Tensor)) else schedule
-    cfg = GFTConfig(schedule=schedule, coupling=coupling, variant=variant, **kwargs)
-    if isinstance(cfg.residual_hidden, list):
-        cfg.residual_hidden = tuple(cfg.residual_hidden)
-    taus = _validate(cfg)
-    if resume and out is None:
-        raise ValueError("resume=True needs out, the run folder to resume from")
+                         f"{sorted(k for k in GFTConfig.__dataclass_fields__ if k != 'steps_per_stage')}")
+    given = {k: v for k, v in (("schedule", schedule), ("coupling", coupling), ("variant", variant)) if v is not None}
+    cfg = replace(config, **given, **kwargs) if config is not None else GFTConfig(**given, **kwargs)
+    cfg = replace(cfg, coupling=_coupling(cfg.coupling, cfg.variant))
+    taus = cfg.temperatures
     # batches are drawn on the host and moved (draw_batch), like the pretrained pool: keep the target there too
     target = check_target_samples(target_samples, model.shape).cpu()
     if cfg.coupling != "independent":
-        _import_ot(cfg.coupling)
+        require_ot(f"coupling={cfg.coupling!r}")
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
-    main = rank == 0
     dev = dist.device(cfg.device, model)
-    cfg.device = dist.device_name(dev)   # the run folder records the device it ran on
-    total = len(taus) * cfg.steps_per_stage
+    cfg = replace(cfg, device=dist.device_name(dev))   # the run folder records the device it ran on
+    total = len(taus) * cfg.iters_per_stage
 
     pretrained = model.copy().to(dev).eval()
     pretrained.requires_grad_(False)
@@ -456,10 +436,8 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
     if avg is not None:
         avg.requires_grad_(False)
     params = [p for p in ft.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
     mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)   # this process's shards
     gens = {i: torch.Generator().manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
-    names = {i: "train" if i == 0 else f"train_{i}" for i in range(shards)}
     times = TimeSampler(pretrained.path, cfg.flow)
     # The pretrained pool depends on the seed and the number of shards only (a resumed run draws
     # the same one): shard i draws its part from seed + 1 + i·2³², and the parts are gathered.
@@ -468,100 +446,47 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
              for i in mine if sizes[i] > 0]
     pool = dist.all_gather(torch.cat(parts) if parts else torch.empty(0, *pretrained.shape))
 
-    run, start, nonfinite_total = None, 0, 0
-    record_cfg = {**asdict(cfg), "temperatures": taus, "total_steps": total,
-                  "target_samples": list(target.shape), "base": pretrained.config(), "shards": shards}
-    resumable = ("grad_accum",)
-    chash = ckpt.config_hash(record_cfg, resumable)
-    modules = {"model": ft, **({"ema": avg} if avg is not None else {})}
-    if out is not None:
-        run = Path(out)
-        log = run / "log.jsonl"
-        if main:
-            ckpt.prepare_run(out, record_cfg, resume, resumable_keys=resumable)
-        if resume:
-            meta = ckpt.load_latest(run, modules, opt, {names[i]: gens[i] for i in mine},
-                                    warn=print if main else (lambda msg: None), config_hash=chash)
-            if meta is not None:
-                start = meta["step"]
-                nonfinite_total = meta.get("extra", {}).get("nonfinite_total", 0)
-            if main:
-                ckpt.truncate_jsonl(log, "step", start)   # records past the checkpoint are rewritten
-        elif main and log.exists():
-            log.unlink()
-    progress = progress and main
-    if progress:
-        print("tiltflow gft: " + " ".join(f"{k}={v}" for k, v in record_cfg.items() if k != "base")
-              + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
+    record = {**val.current_fields(cfg), "temperatures": taus, "total_iters": total,
+              "target_samples": list(target.shape), "base": pretrained.config(), "shards": shards}
+    trainer = Trainer(
+        "gft", params=params, opt=torch.optim.Adam(params, lr=cfg.lr),
+        modules={"model": ft, **({"ema": avg} if avg is not None else {})}, gens=gens,
+        iters=total, config=record,
+        resumable=("grad_accum",), lr_at=constant(cfg.lr), grad_clip=cfg.grad_clip, max_nonfinite=cfg.max_nonfinite,
+        checkpoint_every=cfg.checkpoint_every, out=out, resume=resume, progress=progress, report_to=report_to,
+        log_when=lambda done: done % LOG_EVERY == 0 or done % cfg.iters_per_stage == 0,
+        after_step=None if avg is None else (lambda it: _update_ema(avg, ft, cfg.ema, it)),
+        postfix=("loss", "tau"), hint="Lower lr or standardise the target samples",
+        banner=" ".join(f"{k}={v}" for k, v in record.items() if k != "base")
+        + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
 
-    t_start = time.perf_counter()
-    window: dict[str, list] = {"loss": [], "target_error": [], "pretrained_error": [], "grad_norm": []}
-    record = {}
-    nonfinite_run = 0
-    bar = tqdm(range(start, total), initial=start, total=total, disable=not progress, desc="gft", dynamic_ncols=True)
-    ft.train()
-    for step in bar:
-        stage = step // cfg.steps_per_stage
-        tau = taus[stage]
-        opt.zero_grad(set_to_none=True)
+    def step(it):
+        stage = it // cfg.iters_per_stage
         sums = {"loss": 0.0, "target_error": 0.0, "pretrained_error": 0.0}
         for i in mine:
             batch = draw_batch(target, pool, cfg, times, gens[i], ft.path, dev, micro)
-            loss, e_tgt, e_pre = gft_loss(ft, pretrained, batch, tau)
-            (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes below
+            loss, e_tgt, e_pre = gft_loss(ft, pretrained, batch, taus[stage])
+            (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes in the loop
             for k, v in (("loss", loss), ("target_error", e_tgt), ("pretrained_error", e_pre)):
                 sums[k] += float(v.detach()) / cfg.grad_accum
-        if not math.isfinite(sums["loss"]):
-            # a NaN gradient makes the averaged gradient NaN on every process: all skip alike
-            for p in params:
-                p.grad = torch.full_like(p, float("nan"))
-        dist.average_gradients(params)
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        if not math.isfinite(gnorm):     # before the step: no NaN weights are written
-            nonfinite_run += 1
-            nonfinite_total += 1
-            if nonfinite_run >= cfg.max_nonfinite:
-                raise FloatingPointError(
-                    f"{nonfinite_run} steps in a row (up to {step + 1}, τ = {tau:g}) had a NaN or inf loss or "
-                    "gradient and were skipped; no weights were changed by them. Lower lr or standardise "
-                    "the target samples")
-        else:
-            nonfinite_run = 0
-            opt.step()
-            if avg is not None:
-                _update_ema(avg, ft, cfg.ema, step)
-            for k, v in sums.items():
-                window[k].append(v)
-            window["grad_norm"].append(gnorm)
-        done = step + 1
-        if run is not None and (done % cfg.checkpoint_every == 0 or done == total):
-            states = dist.gather_generator_states(gens)          # collective: every process
-            if main:
-                ckpt.save_checkpoint(run, done, modules, opt, {names[i]: st for i, st in states.items()},
-                                     extra={"shards": shards, "nonfinite_total": nonfinite_total},
-                                     config_hash=chash)
-        if done % LOG_EVERY == 0 or done % cfg.steps_per_stage == 0 or done == total:
-            local = {k: (sum(v) / len(v) if v else float("nan")) for k, v in window.items()}
-            record = {"step": done, "stage": stage, "tau": tau, **dist.mean(local),   # means over processes
-                      "nonfinite_skipped": nonfinite_total}
-            window = {k: [] for k in window}
-            bar.set_postfix(stage=stage, tau=f"{tau:.3g}", loss=f"{record['loss']:.4g}")
-            if run is not None and main:
-                ckpt.append_jsonl(log, record)
-            if callback is not None:
-                callback(done, record)
-    bar.close()
+        return sums, {"stage": stage, "tau": taus[stage]}
 
+    t_start = time.perf_counter()
+    ft.train()
+    try:
+        last = trainer.run(step, callback=callback)
+    finally:
+        trainer.close()
     result = avg if avg is not None else ft
     result.eval()
     result.requires_grad_(False)
-    if run is not None and main:
-        result.save(run / "model.safetensors")
-        metrics = {"total_steps": total, "temperatures": taus, "final": record,
+    if out is not None and dist.is_main():
+        result.save(Path(out) / "model.safetensors")
+        metrics = {"total_iters": total, "temperatures": taus, "final": last,
                    "train_time_s": time.perf_counter() - t_start, **evaluate(result, pretrained, target, cfg)}
-        ckpt.write_json(run / "metrics.json", metrics)
-        if progress:
-            print("tiltflow gft: " + json.dumps(metrics))
+        ckpt.write_json(Path(out) / "metrics.json", metrics)
+        if trainer.progress:
+            get_logger("gft").info("tiltflow gft: " + json.dumps(metrics))
     dist.barrier()   # the run folder is complete before any process returns
     return result
 

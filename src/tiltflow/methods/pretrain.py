@@ -24,27 +24,29 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from types import BuiltinFunctionType, FunctionType, MethodType
+from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
+from ..couplings import ot_pairing, require_ot
 from ..metrics import energy_distance
 from ..models.flow_model import FlowModel
 from ..models.mlp import MLPVelocity
 from ..models.egnn import EGNNVelocity
 from ..paths import AffinePath, get_path
+from ..tracking import get_logger
+from ..training import Trainer, update_ema, warmup
+from .. import validation as val
 
-LOG_EVERY = 50          # steps averaged into one log.jsonl record
+LOG_EVERY = 50          # iterations averaged into one log.jsonl record
 N_EVAL = 2000           # model and data samples for the final energy distance
 EVAL_ODE_STEPS = 50     # Heun steps of the evaluation samples
 MODELS = ("mlp", "egnn")                                              # networks pretrain builds
@@ -54,7 +56,7 @@ DEFAULT_HIDDEN = {"mlp": (256, 256, 256), "egnn": (64, 64, 64, 64)}   # hidden=N
 @dataclass
 class PretrainConfig:
     """Settings of one flow-matching pretraining run (printed and saved in the run folder)."""
-    steps: int = 2000                  # optimiser steps (one minibatch each)
+    iters: int = 2000                  # optimiser steps (one minibatch each)
     batch_size: int = 256              # minibatch per step, over all processes (the global batch)
     grad_accum: int = 1                # micro-batches per process and step (gradient accumulation)
     lr: float = 1e-3                   # Adam learning rate (after warm-up)
@@ -66,35 +68,26 @@ class PretrainConfig:
     seed: int = 0
     device: str = "auto"             # "auto": a ready network's accelerator, else the GPU if any, else the CPU
     checkpoint_every: int = 500
-    lr_warmup: int = 0                 # steps of linear learning-rate warm-up from 0
-    max_nonfinite: int = 5             # stop after this many steps in a row skipped for a NaN/inf loss or gradient
+    lr_warmup: int = 0                 # iterations of linear learning-rate warm-up from 0
+    max_nonfinite: int = 5             # stop after this many iterations in a row skipped for a NaN/inf loss or gradient
+    steps: int | None = field(default=None, metadata={"deprecated": "iters"})
 
-
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-
-def _validate(cfg: PretrainConfig):
-    for name in ("steps", "batch_size", "checkpoint_every", "grad_accum", "max_nonfinite"):
-        _positive_int(name, getattr(cfg, name))
-    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < math.inf:
-        raise ValueError(f"lr must be a positive finite number, got {cfg.lr!r}")
-    if isinstance(cfg.ema, bool) or not isinstance(cfg.ema, (int, float)) or not 0 <= cfg.ema < 1:
-        raise ValueError(f"ema must be in [0, 1) (0 disables averaging), got {cfg.ema!r}")
-    if isinstance(cfg.grad_clip, bool) or not isinstance(cfg.grad_clip, (int, float)) \
-            or not 0 <= cfg.grad_clip < math.inf:
-        raise ValueError(f"grad_clip must be a non-negative finite number (0 disables), got {cfg.grad_clip!r}")
-    if isinstance(cfg.lr_warmup, bool) or not isinstance(cfg.lr_warmup, int) or cfg.lr_warmup < 0:
-        raise ValueError(f"lr_warmup must be a non-negative integer, got {cfg.lr_warmup!r}")
-    if cfg.hidden is None:    # a ready network (model=nn.Module): nothing to build
-        pass
-    elif not cfg.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in cfg.hidden):
-        raise ValueError(f"hidden must be a non-empty sequence of positive integers, got {cfg.hidden!r}")
-    if cfg.coupling not in ("independent", "ot"):
-        raise ValueError(f"coupling must be 'independent' or 'ot', got {cfg.coupling!r}")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    def __post_init__(self):
+        val.resolve_renamed(self, "PretrainConfig")
+        for name in ("iters", "batch_size", "checkpoint_every", "grad_accum", "max_nonfinite"):
+            val.positive_int(getattr(self, name), name)
+        val.positive(self.lr, "lr")
+        val.in_interval(self.ema, "ema", 0.0, 1.0, lo_open=False, hi_open=True)
+        val.non_negative(self.grad_clip, "grad_clip")
+        val.positive_int(self.lr_warmup, "lr_warmup", minimum=0)
+        if isinstance(self.hidden, list):
+            self.hidden = tuple(self.hidden)
+        if self.hidden is not None and (not isinstance(self.hidden, tuple) or not self.hidden or any(
+                isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in self.hidden)):
+            raise ValueError(f"hidden must be a non-empty sequence of positive integers, got {self.hidden!r}")
+        val.one_of(self.coupling, "coupling", ("independent", "ot"))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -205,39 +198,6 @@ def _describe(data) -> str:
     return type(data).__qualname__
 
 
-# --- coupling --------------------------------------------------------------------------------
-
-def _import_ot():
-    try:
-        import ot
-    except ImportError as e:
-        raise ImportError("coupling='ot' needs POT: pip install 'tiltflow[ot]'") from e
-    return ot
-
-
-def ot_pairing(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
-    """Exact minibatch OT matching of x0 to x1 on the cost ‖x0_i − x1_j‖².
-
-    x0, x1: (batch, *dims). Returns perm (batch,) long such that (x0[perm], x1) are the optimal
-    pairs. With uniform weights 1/n on both sides the network simplex returns a vertex of the
-    Birkhoff polytope, a permutation matrix, so the argmax of each row of the plan is a
-    permutation and both marginals are preserved exactly.
-    """
-    ot = _import_ot()
-    n = x0.shape[0]
-    a = x0.detach().reshape(n, -1).double().cpu().numpy()
-    b = x1.detach().reshape(n, -1).double().cpu().numpy()
-    w = [1.0 / n] * n
-    plan = ot.emd(w, w, ot.dist(a, b, metric="sqeuclidean"))
-    col = torch.as_tensor(plan.argmax(axis=1))           # x0_i is sent to x1_col[i]
-    perm = torch.empty(n, dtype=torch.long)
-    if torch.unique(col).numel() != n:                   # emd stopped early: not a vertex
-        warnings.warn("ot.emd did not return a permutation; using the independent pairing for this batch")
-        return torch.arange(n, device=x0.device)
-    perm[col] = torch.arange(n)
-    return perm.to(x0.device)
-
-
 # --- network ---------------------------------------------------------------------------------
 
 def _is_graph(cond) -> bool:
@@ -254,7 +214,7 @@ def _network(model, cond, hidden):
     if isinstance(model, nn.Module):
         if hidden is not None:
             raise ValueError("hidden sets the width of a network pretrain builds; with a ready network "
-                             "(model=nn.Module) leave it unset")
+                             "(network=nn.Module) leave it unset")
         if cond is not None and _is_graph(cond):
             raise ValueError("with a ready network the graph is already part of it; drop cond")
         if not callable(getattr(model, "config", None)):
@@ -263,26 +223,26 @@ def _network(model, cond, hidden):
         ready = copy.deepcopy(model).cpu().float()       # the caller's network is not trained in place
         return (lambda dims, cond_dim: copy.deepcopy(ready)), cond, True, None
     if model not in MODELS:
-        raise ValueError(f"model must be one of {', '.join(map(repr, MODELS))} or an nn.Module velocity "
+        raise ValueError(f"network must be one of {', '.join(map(repr, MODELS))} or an nn.Module velocity "
                          f"network, got {model!r}")
     hidden = DEFAULT_HIDDEN[model] if hidden is None else (tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden)
     if model == "mlp":
         if cond is not None and _is_graph(cond):
             raise ValueError("cond is a molecular graph: pretrain the E(3)-equivariant network with "
-                             "model='egnn', cond=task.graph")
+                             "network='egnn', cond=task.graph")
         return (lambda dims, cond_dim: MLPVelocity(dims[0], hidden, cond_dim=cond_dim)), cond, False, hidden
     if cond is None or not _is_graph(cond):
-        raise ValueError("model='egnn' needs cond=the molecular graph (task.graph of "
+        raise ValueError("network='egnn' needs cond=the molecular graph (task.graph of "
                          "tiltflow.tasks.molecules.conformers), got "
                          + ("nothing" if cond is None else type(cond).__name__))
     if not isinstance(hidden, tuple) or len(set(hidden)) != 1:
-        raise ValueError(f"model='egnn' takes hidden=(width,) * layers with one width, got {hidden!r}")
+        raise ValueError(f"network='egnn' takes hidden=(width,) * layers with one width, got {hidden!r}")
     graph = cond
 
     def build(dims, cond_dim):
         if dims != (3 * graph.num_atoms,):
             raise ValueError(f"data has shape (n, {', '.join(map(str, dims))}) but the graph has "
-                             f"{graph.num_atoms} atoms: model='egnn' needs (n, {3 * graph.num_atoms}) coordinates")
+                             f"{graph.num_atoms} atoms: network='egnn' needs (n, {3 * graph.num_atoms}) coordinates")
         return EGNNVelocity.from_graph(graph, hidden=hidden[0], layers=len(hidden))
     return build, None, True, hidden
 
@@ -309,68 +269,67 @@ def _minibatch(data: _Data, cfg: PretrainConfig, n: int, gen: torch.Generator, d
     return x0.to(device), x1.to(device), t.to(device), (None if c is None else c.to(device))
 
 
-@torch.no_grad()
-def _update_ema(ema: FlowModel, model: FlowModel, decay: float, step: int):
-    # Decay warm-up min(decay, (1 + k)/(10 + k)) as in TensorFlow's ExponentialMovingAverage with
-    # num_updates: without it 0.999^k of the random initialisation stays in a short run's average.
-    d = min(decay, (1.0 + step) / (10.0 + step))
-    for pe, p in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(p, 1.0 - d)
-    for be, b in zip(ema.buffers(), model.buffers()):
-        be.copy_(b)
-
-
 # --- training loop ---------------------------------------------------------------------------
 
-def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3,
-             hidden=None, path="rectified", coupling: str = "independent",
-             ema: float = 0.999, grad_clip: float = 1.0, seed: int = 0, device="auto", out=None,
-             resume: bool = False, progress: bool = True, checkpoint_every: int = 500,
-             lr_warmup: int = 0, grad_accum: int = 1, max_nonfinite: int = 5, cond=None,
-             model="mlp") -> FlowModel:
+def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = None, network="mlp",
+             hidden=None, path=None, cond=None, out=None, resume: bool = False, progress: bool = True,
+             callback: Callable | None = None, report_to: str = "none", steps: int | None = None, model=None,
+             **kwargs) -> FlowModel:
     """Train a FlowModel on `data` by conditional flow matching.
 
     data: a tensor (n, d) (minibatches drawn with replacement), an object with
       `.sample(n, generator=...) -> (n, d)` (the toy2d distributions), or a callable
       `(n, generator) -> (n, d)`. Vector data for the built-in networks; with a ready network
-      (model=nn.Module) data of any shape (n, *dims), e.g. images (n, 1, 8, 8) for the digits U-Net.
-    model: the velocity network. "mlp" (default): MLPVelocity(d, hidden), hidden defaulting to
+      (network=nn.Module) data of any shape (n, *dims), e.g. images (n, 1, 8, 8) for the digits U-Net.
+    iters and kwargs (any PretrainConfig field: batch_size, lr, coupling, ema, grad_clip, seed,
+      device, checkpoint_every, lr_warmup, grad_accum, max_nonfinite) set on `config` (a
+      PretrainConfig; default: PretrainConfig()).
+    network: the velocity network. "mlp" (default): MLPVelocity(d, hidden), hidden defaulting to
       (256, 256, 256). "egnn": the E(3)-equivariant EGNNVelocity over the atoms of one molecule,
       with cond=task.graph (tiltflow.tasks.molecules) and data (n, atoms * 3) coordinates;
       hidden=(width,) * layers, default (64,) * 4. Or a ready nn.Module velocity net(x, t, cond)
       with a .config() (any tiltflow.models network): a copy of it is trained, its weights as given.
     cond: for the MLP, an optional tensor (n, cond_dim) paired row by row with tensor data; the
       network then takes cond as input and `model.sample(..., cond=...)` samples conditionally.
-      For model="egnn", the molecular graph (fixed, part of the network).
-    path: "rectified", "vp", an AffinePath, or its config dict. coupling: "independent" or "ot".
+      For network="egnn", the molecular graph (fixed, part of the network).
+    path: "rectified", "vp", an AffinePath, or its config dict (default: the config's, "rectified").
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
-      resume=True continues from its newest valid checkpoint (steps may be raised to train longer).
+      resume=True continues from its newest valid checkpoint (iters may be raised to train longer).
+    report_to: "none", "tensorboard" or "wandb" (the log.jsonl records, rank 0).
+    callback(iter, record) after each logged record (every 50 iterations and the last).
     batch_size is the global batch; grad_accum splits each process's share into micro-batches.
-    A step with a NaN or inf loss or gradient is skipped (no weight changes; counted as
-    `nonfinite_skipped` in the log); after `max_nonfinite` such steps in a row the run stops
+    An iteration with a NaN or inf loss or gradient is skipped (no weight changes; counted as
+    `nonfinite_skipped` in the log); after `max_nonfinite` such iterations in a row the run stops
     with FloatingPointError.
     Under torchrun every process trains the same model on its shard; only rank 0 writes `out`.
+    Deprecated: steps= (use iters=), model= (use network=).
     Returns the exponential moving average of the weights as a FlowModel in eval mode without
     gradients.
     """
+    if model is not None:
+        network = val.renamed("model", "network", model, network, "mlp", "pretrain")
+    if config is not None and not isinstance(config, PretrainConfig):
+        raise ValueError(f"config must be a PretrainConfig, got {type(config).__name__}")
+    unknown = set(kwargs) - set(PretrainConfig.__dataclass_fields__) - {"hidden", "path", "iters", "steps"}
+    if unknown:
+        raise ValueError(f"unknown pretrain options {sorted(unknown)}; valid: "
+                         f"{sorted(k for k in PretrainConfig.__dataclass_fields__ if k != 'steps')}")
+    if path is None:
+        path = config.path if config is not None else "rectified"
     path = get_path(path) if not isinstance(path, AffinePath) else path
-    build_net, cond, not_mlp, hidden = _network(model, cond, hidden)
-    cfg = PretrainConfig(steps=steps, batch_size=batch_size, lr=lr,
-                         hidden=tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden,
-                         path=path.config(), coupling=coupling, ema=ema, grad_clip=grad_clip, seed=seed,
-                         device=str(device), checkpoint_every=checkpoint_every, lr_warmup=lr_warmup,
-                         grad_accum=grad_accum, max_nonfinite=max_nonfinite)
-    _validate(cfg)
-    if resume and out is None:
-        raise ValueError("resume=True needs out, the run folder to resume from")
+    if hidden is None and config is not None and not isinstance(network, nn.Module):
+        hidden = config.hidden
+    build_net, cond, not_mlp, hidden = _network(network, cond, hidden)
+    given = {**kwargs, "path": path.config(), "hidden": tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden,
+             **({"iters": iters} if iters is not None else {}), **({"steps": steps} if steps is not None else {})}
+    cfg = replace(config, **given) if config is not None else PretrainConfig(**given)
     if cfg.coupling == "ot":
-        _import_ot()
+        require_ot("coupling='ot'")
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
-    main = rank == 0
-    dev = dist.device(cfg.device, model if isinstance(model, nn.Module) else None)
-    cfg.device = dist.device_name(dev)   # the run folder records the device it ran on
+    dev = dist.device(cfg.device, network if isinstance(network, nn.Module) else None)
+    cfg = replace(cfg, device=dist.device_name(dev))   # the run folder records the device it ran on
     # a ready network (e.g. the digits U-Net) may take data of any shape (n, *dims)
-    source = _Data(data, cond, cfg.seed, images=isinstance(model, nn.Module))
+    source = _Data(data, cond, cfg.seed, images=isinstance(network, nn.Module))
 
     # Initialise from `seed` without touching the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
@@ -383,100 +342,42 @@ def pretrain(data, steps: int = 2000, *, batch_size: int = 256, lr: float = 1e-3
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)   # this process's shards
     gens = {i: torch.Generator().manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
-    names = {i: "train" if i == 0 else f"train_{i}" for i in range(shards)}
 
-    run, start, nonfinite_total = None, 0, 0
-    record_cfg = {**asdict(cfg), "data": source.description, "cond_dim": source.cond_dim, "shards": shards}
+    record = {**val.current_fields(cfg), "data": source.description, "cond_dim": source.cond_dim, "shards": shards}
     if not_mlp:       # only for other networks: MLP runs keep their config hash
-        record_cfg["network"] = net.config()
-    resumable = ("steps", "grad_accum")
-    chash = ckpt.config_hash(record_cfg, resumable)
-    if out is not None:
-        run = Path(out)
-        if main:
-            ckpt.prepare_run(out, record_cfg, resume, resumable_keys=resumable)
-        log = run / "log.jsonl"
-        if resume:
-            meta = ckpt.load_latest(run, {"model": model, "ema": avg}, opt, {names[i]: gens[i] for i in mine},
-                                    warn=print if main else (lambda msg: None), config_hash=chash)
-            start = meta["step"] if meta is not None else 0
-            nonfinite_total = meta.get("extra", {}).get("nonfinite_total", 0) if meta is not None else 0
-            if start > cfg.steps:
-                raise ValueError(f"cannot resume {run} with steps={cfg.steps}: its newest checkpoint is "
-                                 f"at step {start}; pass steps >= {start}")
-            if main:
-                ckpt.truncate_jsonl(log, "step", start)   # records past the checkpoint are rewritten
-        elif main and log.exists():
-            log.unlink()
-    progress = progress and main
-    if progress:
-        print("tiltflow pretrain: " + " ".join(f"{k}={v}" for k, v in record_cfg.items()))
+        record["network"] = net.config()
+    trainer = Trainer(
+        "pretrain", params=model.parameters(), opt=opt, modules={"model": model, "ema": avg}, gens=gens,
+        iters=cfg.iters, config=record,
+        resumable=("iters", "grad_accum"), lr_at=warmup(cfg.lr, cfg.lr_warmup), grad_clip=cfg.grad_clip,
+        max_nonfinite=cfg.max_nonfinite, checkpoint_every=cfg.checkpoint_every, out=out, resume=resume,
+        progress=progress, report_to=report_to, log_when=lambda done: done % LOG_EVERY == 0,
+        after_step=lambda it: update_ema(avg, model, cfg.ema, it), hint="Lower lr or standardise the data",
+        banner=" ".join(f"{k}={v}" for k, v in record.items()))
 
-    t_start = time.perf_counter()
-    window_loss, window_gnorm, final_loss = [], [], None
-    nonfinite_run = 0
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
-               desc="pretrain", dynamic_ncols=True)
-    model.train()
-    for step in bar:
-        lr_now = cfg.lr * min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else cfg.lr
-        for group in opt.param_groups:
-            group["lr"] = lr_now
-        opt.zero_grad(set_to_none=True)
+    def step(it):
         loss_sum = 0.0
         for i in mine:
             x0, x1, t, c = _minibatch(source, cfg, micro, gens[i], dev)
             loss = cfm_loss(model, x0, x1, t, c)
-            (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes below
+            (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes in the loop
             loss_sum += float(loss.detach())
-        if not math.isfinite(loss_sum):
-            # a NaN gradient makes the averaged gradient NaN on every process: all skip alike
-            for p in model.parameters():
-                p.grad = torch.full_like(p, float("nan"))
-        dist.average_gradients(list(model.parameters()))
-        gnorm = float(torch.nn.utils.clip_grad_norm_(
-            model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
-        if not math.isfinite(gnorm):     # skip before the step: no NaN weights are written
-            nonfinite_run += 1
-            nonfinite_total += 1
-            if nonfinite_run >= cfg.max_nonfinite:
-                raise FloatingPointError(
-                    f"{nonfinite_run} steps in a row (up to {step + 1}) had a NaN or inf loss or gradient and "
-                    "were skipped; no weights were changed by them. Lower lr or standardise the data")
-        else:
-            nonfinite_run = 0
-            opt.step()
-            _update_ema(avg, model, cfg.ema, step)
-            window_loss.append(loss_sum / cfg.grad_accum)
-            window_gnorm.append(gnorm)
-        done = step + 1
-        if done % LOG_EVERY == 0 or done == cfg.steps:
-            nan = float("nan")                 # a window of skipped steps only
-            final_loss = dist.mean({"loss": sum(window_loss) / len(window_loss) if window_loss else nan})["loss"]
-            record = {"step": done, "loss": final_loss,   # loss: mean over processes
-                      "grad_norm": sum(window_gnorm) / len(window_gnorm) if window_gnorm else nan,
-                      "lr": lr_now, "nonfinite_skipped": nonfinite_total}
-            window_loss, window_gnorm = [], []
-            bar.set_postfix(loss=f"{final_loss:.4g}")
-            if run is not None and main:
-                ckpt.append_jsonl(log, record)
-        if run is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            states = dist.gather_generator_states(gens)          # collective: every process
-            if main:
-                ckpt.save_checkpoint(run, done, {"model": model, "ema": avg}, opt,
-                                     {names[i]: s for i, s in states.items()},
-                                     extra={"shards": shards, "nonfinite_total": nonfinite_total},
-                                     config_hash=chash)
-    bar.close()
+        return {"loss": loss_sum / cfg.grad_accum}, {}
 
+    t_start = time.perf_counter()
+    model.train()
+    try:
+        last = trainer.run(step, callback=callback)
+    finally:
+        trainer.close()
     avg.eval()
-    if run is not None and main:
-        avg.save(run / "model.safetensors")
-        metrics = {"steps": cfg.steps, "final_loss": final_loss,
+    if out is not None and dist.is_main():
+        avg.save(Path(out) / "model.safetensors")
+        metrics = {"iters": cfg.iters, "final_loss": last.get("loss"),
                    "train_time_s": time.perf_counter() - t_start, **_evaluate(avg, source, cfg)}
-        ckpt.write_json(run / "metrics.json", metrics)
-        if progress:
-            print("tiltflow pretrain: " + json.dumps(metrics))
+        ckpt.write_json(Path(out) / "metrics.json", metrics)
+        if trainer.progress:
+            get_logger("pretrain").info("tiltflow pretrain: " + json.dumps(metrics))
     return avg
 
 

@@ -5,7 +5,7 @@ N(0, s² I) (s = `prior_scale`) and the reward is g(x) = −E(x) − log N(x; 0,
 p_base · e^g ∝ e^{−E}. The base is Gaussian, hence its lean adjoint is deterministic and the
 Adjoint Sampling loss (solvers/adjoint_sampling.py) regresses on bridge points X_t ~ N(t X_1,
 (1 − t)² I) of end points X_1 kept in a FIFO replay buffer with their ∇E(X_1): one rollout of
-`samples_per_epoch` paths serves `batches_per_epoch` gradient steps (Havens et al. 2025, Alg. 1).
+`samples_per_rollout` paths serves `iters_per_rollout` optimiser steps (Havens et al. 2025, Alg. 1).
 
 Particle systems (energies with `project`): the prior, every velocity and every noise are
 projected onto the mean-free subspace, so samples have zero centre of mass. The control added to
@@ -16,13 +16,15 @@ and `spatial_dim`; its coordinate outputs start at zero so the sampler starts at
 isotropic prior's velocity is a multiple of x, hence equivariant too: so is the whole sampler,
 and the law of its samples is invariant under rotations, reflections and relabelling of particles.
 
-Run folders (`out=`): config.json, log.jsonl (one record per epoch), checkpoints/ every
-`checkpoint_every` epochs (weights, optimiser, replay buffer and random streams, written
-atomically by checkpoint.py) and the final sampler in model.safetensors (`EnergySampler.load`).
-`resume=True` continues from the newest valid checkpoint; only `epochs` may change on resume.
+Run folders (`out=`): config.json, log.jsonl (one record per rollout: "iter", "epoch" = rollouts
+so far, the loss averaged over the rollout's iterations, its energies), checkpoints/ every
+`checkpoint_every` iterations rounded to whole rollouts (weights, optimiser, replay buffer and
+random streams, written atomically by checkpoint.py; the loop is training.Trainer) and the final
+sampler in model.safetensors (`EnergySampler.load`). `resume=True` continues from the newest valid
+checkpoint; only `iters` may change on resume.
 
 Data parallel (torchrun / accelerate launch, distributed.py), as finetune: the rollout of
-`samples_per_epoch` paths and each gradient step's `batch_size` are cut into processes ×
+`samples_per_rollout` paths and each gradient step's `batch_size` are cut into processes ×
 grad_accum shards, shard i drawing from a generator seeded by distributed.shard_seed(seed, i).
 Each process rolls out its shards and evaluates ∇E on them; the end points are gathered so the
 replay buffer is the same in every process (rank 0 checkpoints it); each micro-batch is drawn
@@ -33,16 +35,14 @@ alone writes the run folder.
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import asdict, dataclass, fields
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from .. import checkpoint as ckpt
 from .. import distributed as dist
 from .. import estimators
 from ..models.analytic import GaussianMixtureVelocity
@@ -51,16 +51,18 @@ from ..models.flow_model import FlowModel, ResidualVelocity
 from ..solvers.adjoint_sampling import AdjointSampling
 from ..solvers.reciprocal import control_regression
 from .finetune import make_finetune_model
+from ..training import Trainer, cosine
+from .. import validation as val
 
 
 @dataclass
 class EnergyConfig:
     """Settings of one energy-sampler run."""
     prior_scale: float = 1.0        # s: base data N(0, s² I); should cover the target's spread
-    epochs: int = 200               # rollouts (each adds samples_per_epoch end points to the buffer)
-    samples_per_epoch: int = 256    # rollout paths per epoch, over all processes
-    batches_per_epoch: int = 20     # gradient steps per rollout
-    batch_size: int = 256           # replay samples per gradient step, over all processes (the global batch)
+    iters: int = 4000               # optimiser steps in all
+    iters_per_rollout: int = 20     # optimiser steps per rollout (each rollout adds samples_per_rollout end points)
+    samples_per_rollout: int = 256  # rollout paths per rollout, over all processes
+    batch_size: int = 256           # replay samples per optimiser step, over all processes (the global batch)
     grad_accum: int = 1             # micro-batches per process and step (gradient accumulation)
     buffer_size: int = 8192         # FIFO capacity of (X_1, ∇E(X_1))
     steps: int = 50                 # memoryless-SDE steps per rollout (uniform grid)
@@ -71,9 +73,42 @@ class EnergyConfig:
     grad_clip: float = 1.0          # max global gradient norm; 0 disables clipping
     energy_grad_clip: float | None = 100.0   # max norm of ∇E per sample (Adjoint Sampling's max_grad_E_norm);
     #                                          None or 0: no clipping
-    checkpoint_every: int = 20      # epochs between checkpoints of a run folder (out=)
+    checkpoint_every: int = 400     # optimiser steps between checkpoints of a run folder (out=), rounded to whole rollouts
+    max_nonfinite: int = 5          # stop after this many optimiser steps in a row skipped for a NaN/inf loss or gradient
     seed: int = 0
     device: str = "auto"            # "auto": the GPU when there is one, else the CPU
+    epochs: int | None = field(default=None, metadata={"deprecated": "iters"})   # iters = epochs × iters_per_rollout
+    batches_per_epoch: int | None = field(default=None, metadata={"deprecated": "iters_per_rollout"})
+    samples_per_epoch: int | None = field(default=None, metadata={"deprecated": "samples_per_rollout"})
+
+    def __post_init__(self):
+        if self.batches_per_epoch is not None:
+            self.iters_per_rollout = val.renamed("batches_per_epoch", "iters_per_rollout", self.batches_per_epoch,
+                                                 self.iters_per_rollout, 20, "EnergyConfig")
+            self.batches_per_epoch = None
+        if self.epochs is not None:       # epochs counted rollouts
+            val.positive_int(self.epochs, "epochs")
+            warnings.warn("EnergyConfig: `epochs` is deprecated, use `iters` (= epochs × iters_per_rollout)",
+                          DeprecationWarning, stacklevel=3)
+            self.iters = self.epochs * val.positive_int(self.iters_per_rollout, "iters_per_rollout")
+            self.epochs = None
+        val.resolve_renamed(self, "EnergyConfig")
+        if isinstance(self.hidden, list):
+            self.hidden = tuple(self.hidden)
+        val.positive(self.prior_scale, "prior_scale")
+        for name in ("iters", "iters_per_rollout", "samples_per_rollout", "batch_size", "buffer_size", "steps",
+                     "checkpoint_every", "grad_accum", "max_nonfinite"):
+            val.positive_int(getattr(self, name), name)
+        val.non_negative(self.lr, "lr")
+        if self.lr_final is not None:
+            val.in_interval(self.lr_final, "lr_final", 0.0, self.lr, lo_open=False)
+        val.non_negative(self.grad_clip, "grad_clip")
+        val.optional(val.non_negative, self.energy_grad_clip, "energy_grad_clip")
+        val.one_of(self.network, "network", ("mlp", "egnn"))
+        if not self.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in self.hidden):
+            raise ValueError(f"hidden must be a non-empty tuple of positive integers, got {self.hidden!r}")
+        if self.network == "egnn" and len(set(self.hidden)) != 1:
+            raise ValueError(f"network='egnn' takes hidden=(width,) * layers with one width, got {self.hidden!r}")
 
 
 class EnergySampler:
@@ -193,90 +228,63 @@ def _energy_grad(energy, x, clip):
     return g, e.detach()
 
 
-def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None, out=None,
-                  resume: bool = False, progress: bool = True, callback: Callable | None = None,
-                  **kwargs) -> EnergySampler:
+def sample_energy(energy: Callable, dim: int, *, config: EnergyConfig | None = None, project: Callable | None = None,
+                  out=None, resume: bool = False, progress: bool = True, callback: Callable | None = None,
+                  report_to: str = "none", **kwargs) -> EnergySampler:
     """Train a sampler for exp(−energy(x)), x: (batch, dim); returns an EnergySampler.
 
     energy: callable (batch, dim) -> (batch,), differentiable. project: map onto the subspace the
     samples live in (defaults to `energy.project` if the energy has one, e.g. mean-free particles).
-    out: run folder (config.json, log.jsonl, checkpoints/, model.safetensors); resume: continue
-    from its newest valid checkpoint (the energy's `name` and every setting but `epochs` must match).
-    kwargs: any EnergyConfig field. callback(epoch, record) after every epoch.
+    kwargs: any EnergyConfig field (iters, iters_per_rollout, samples_per_rollout, lr, ...), set on
+    `config` (an EnergyConfig; default: EnergyConfig()). Deprecated: epochs (iters = epochs ×
+    iters_per_rollout), batches_per_epoch (iters_per_rollout), samples_per_epoch (samples_per_rollout).
+    out: run folder (config.json, log.jsonl with one record per rollout, checkpoints/, model.safetensors);
+    resume: continue from its newest valid checkpoint (the energy's `name` and every setting but
+    `iters` must match). report_to: "none", "tensorboard" or "wandb" (the log.jsonl records, rank 0).
+    callback(iter, record) after every rollout's iterations.
     """
     if not callable(energy):
         raise ValueError(f"energy must be callable, got {type(energy).__name__}")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
         raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    if config is not None and not isinstance(config, EnergyConfig):
+        raise ValueError(f"config must be an EnergyConfig, got {type(config).__name__}")
     unknown = set(kwargs) - set(EnergyConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown sample_energy options {sorted(unknown)}; valid: {sorted(EnergyConfig.__dataclass_fields__)}")
-    cfg = EnergyConfig(**kwargs)
-    if not cfg.prior_scale > 0:
-        raise ValueError(f"prior_scale must be positive, got {cfg.prior_scale}")
-    for name in ("epochs", "samples_per_epoch", "batches_per_epoch", "batch_size", "buffer_size", "steps",
-                 "checkpoint_every", "grad_accum"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must be a positive integer, got {getattr(cfg, name)!r}")
-    for name in ("grad_clip", "energy_grad_clip"):
-        v = getattr(cfg, name)
-        if not (v is None and name == "energy_grad_clip") and (
-                isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf):
-            raise ValueError(f"{name} must be a non-negative finite number (0 disables clipping), got {v!r}")
-    if cfg.network not in ("mlp", "egnn"):
-        raise ValueError(f"network must be 'mlp' or 'egnn', got {cfg.network!r}")
-    if not cfg.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in cfg.hidden):
-        raise ValueError(f"hidden must be a non-empty tuple of positive integers, got {cfg.hidden!r}")
-    if cfg.network == "egnn" and len(set(cfg.hidden)) != 1:
-        raise ValueError(f"network='egnn' takes hidden=(width,) * layers with one width, got {cfg.hidden!r}")
+    cfg = replace(config, **kwargs) if config is not None else EnergyConfig(**kwargs)
     if project is None:
         project = getattr(energy, "project", None)
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
-    main = rank == 0
-    roll = dist.shard_sizes(cfg.samples_per_epoch, shards)     # rollout paths of each shard
+    roll = dist.shard_sizes(cfg.samples_per_rollout, shards)     # rollout paths of each shard
     device = dist.device(cfg.device)
-    cfg.device = dist.device_name(device)   # the run folder records the device it ran on
+    cfg = replace(cfg, device=dist.device_name(device))   # the run folder records the device it ran on
     prior = gaussian_prior(dim, cfg.prior_scale).to(device).eval()
     prior.requires_grad_(False)
     ft = make_control(prior, energy, cfg)
     dist.broadcast_module(ft)
     params = [p for p in ft.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
     mine = range(rank * cfg.grad_accum, (rank + 1) * cfg.grad_accum)   # this process's shards
     gens = {i: torch.Generator(device=device).manual_seed(dist.shard_seed(cfg.seed, i)) for i in mine}
-    names = {i: "train" if i == 0 else f"train_{i}" for i in range(shards)}
     grid = torch.linspace(0.0, 1.0, cfg.steps + 1, dtype=torch.float64)
     solver = AdjointSampling()
     s2 = cfg.prior_scale**2
     buffer = ReplayBuffer(cfg.buffer_size, dim, device)     # the same in every process
-    history, start, run = [], 0, None
-    if out is not None:
-        record = {**asdict(cfg), "energy": getattr(energy, "name", type(energy).__name__), "dim": dim,
-                  "shards": shards}
-        resumable = ("epochs", "grad_accum")
-        chash = ckpt.config_hash(record, resumable)
-        run = Path(out)
-        log = run / "log.jsonl"
-        if main:
-            ckpt.prepare_run(out, record, resume, resumable_keys=resumable)
-        meta = ckpt.load_latest(run, {"model": ft, "buffer": buffer}, opt, {names[i]: gens[i] for i in mine},
-                                warn=print if main else (lambda msg: None), config_hash=chash) if resume else None
-        if meta is not None:
-            start = meta["step"]
-            history = [r for r in _read_log(log) if r["epoch"] <= start]
-        dist.barrier()          # every process has read the log before rank 0 rewrites it
-        if main:
-            ckpt.atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in history))
-    progress = progress and main
-    if progress:
-        print("tiltflow sample_energy: " + " ".join(f"{k}={v}" for k, v in asdict(cfg).items())
-              + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
-    bar = tqdm(range(start, cfg.epochs), initial=start, total=cfg.epochs, disable=not progress,
-               desc="sample_energy", dynamic_ncols=True)
-    total_steps = cfg.epochs * cfg.batches_per_epoch
-    for epoch in bar:
-        t0 = time.perf_counter()
+    per = cfg.iters_per_rollout
+    record = {**val.current_fields(cfg), "energy": getattr(energy, "name", type(energy).__name__), "dim": dim,
+              "shards": shards}
+    trainer = Trainer(
+        "sample_energy", params=params, opt=torch.optim.Adam(params, lr=cfg.lr), modules={"model": ft, "buffer": buffer},
+        gens=gens, iters=cfg.iters, config=record,
+        resumable=("iters", "grad_accum"), lr_at=cosine(cfg.lr, cfg.lr_final, cfg.iters), grad_clip=cfg.grad_clip,
+        max_nonfinite=cfg.max_nonfinite, checkpoint_every=max(1, round(cfg.checkpoint_every / per)) * per,
+        out=out, resume=resume, progress=progress, report_to=report_to, log_when=lambda done: done % per == 0,
+        postfix=("loss", "energy_median"), hint="Lower lr or clip ∇E (energy_grad_clip)",
+        banner=" ".join(f"{k}={v}" for k, v in val.current_fields(cfg).items())
+        + (f"  processes={world} (micro-batch {micro})" if world > 1 else ""))
+    last = {}     # the newest rollout's energies, for the log
+
+    def rollout(it):
         ft.eval()
         parts = []
         for i in mine:          # each shard's rollout and ∇E, then the end points of all shards
@@ -287,71 +295,41 @@ def sample_energy(energy: Callable, dim: int, *, project: Callable | None = None
             gE, e = _energy_grad(energy, x1, cfg.energy_grad_clip)
             parts.append(torch.cat([x1, gE - x1 / s2, e[:, None].to(x1.dtype)], 1))   # ã(1) = −∇g
         rows = dist.all_gather(torch.cat(parts) if parts else torch.empty(0, 2 * dim + 1, device=device))
-        x1, a1, e = rows[:, :dim], rows[:, dim:2 * dim], rows[:, 2 * dim]
-        buffer.add(x1, a1)
+        buffer.add(rows[:, :dim], rows[:, dim:2 * dim])
+        e = rows[:, 2 * dim]
+        last.update(epoch=it // per + 1, energy_mean=float(e.mean()), energy_median=float(e.median()),
+                    t0=time.perf_counter())
         ft.train()
-        losses = []
-        for k in range(cfg.batches_per_epoch):
-            step = epoch * cfg.batches_per_epoch + k
-            if cfg.lr_final is not None:
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr_final + 0.5 * (cfg.lr - cfg.lr_final) * (1 + math.cos(math.pi * step / total_steps))
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for i in mine:
-                gen = gens[i]
-                xb, ab = buffer.sample(micro, gen)
-                t = (1 + torch.randint(cfg.steps - 1, (micro,), generator=gen, device=device)).to(xb) / cfg.steps
-                eps = torch.randn(xb.shape, generator=gen, device=device)
-                if project is not None:
-                    eps = project(eps)
-                x_t = t[:, None] * xb + (1 - t[:, None]) * eps      # bridge of the memoryless base
-                T = solver.target(prior, xb, ab, x_t, eps, t)
-                loss, _ = control_regression(ft, prior, x_t, t, T)
-                (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes below
-                loss_sum += float(loss.detach()) / cfg.grad_accum
-            if not math.isfinite(loss_sum):    # NaN gradients: every process sees them after averaging
-                for p in params:
-                    p.grad = torch.full_like(p, float("nan"))
-            dist.average_gradients(params)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")     # 0: no clipping
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-            if not math.isfinite(gnorm):
-                raise FloatingPointError(f"non-finite loss at epoch {epoch}; lower lr or clip ∇E")
-            opt.step()
-            losses.append(loss_sum)
-        record = {"epoch": epoch + 1, "loss": dist.mean({"loss": sum(losses) / len(losses)})["loss"],
-                  "energy_mean": float(e.mean()), "energy_median": float(e.median()),
-                  "time": time.perf_counter() - t0}
-        history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3g}", E=f"{record['energy_median']:.3g}")
-        if run is not None:
-            if main:
-                ckpt.append_jsonl(run / "log.jsonl", record)
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
-                states = dist.gather_generator_states(gens)          # collective: every process
-                if main:
-                    ckpt.save_checkpoint(run, epoch + 1, {"model": ft, "buffer": buffer}, opt,
-                                         {names[i]: st for i, st in states.items()},
-                                         extra={"shards": shards}, config_hash=chash)
-        if callback is not None:
-            callback(epoch + 1, record)
+
+    def step(it):
+        if it % per == 0:       # a rollout starts every block of iters_per_rollout optimiser steps
+            rollout(it)
+        loss_sum = 0.0
+        for i in mine:
+            gen = gens[i]
+            xb, ab = buffer.sample(micro, gen)
+            t = (1 + torch.randint(cfg.steps - 1, (micro,), generator=gen, device=device)).to(xb) / cfg.steps
+            eps = torch.randn(xb.shape, generator=gen, device=device)
+            if project is not None:
+                eps = project(eps)
+            x_t = t[:, None] * xb + (1 - t[:, None]) * eps      # bridge of the memoryless base
+            T = solver.target(prior, xb, ab, x_t, eps, t)
+            loss, _ = control_regression(ft, prior, x_t, t, T)
+            (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes in the loop
+            loss_sum += float(loss.detach()) / cfg.grad_accum
+        info = {k: v for k, v in last.items() if k != "t0"}
+        if "t0" in last:
+            info["time"] = time.perf_counter() - last["t0"]
+        return {"loss": loss_sum}, info
+
+    try:
+        trainer.run(step, callback=callback)
+    finally:
+        trainer.close()
     ft.eval()
     ft.requires_grad_(False)
-    sampler = EnergySampler(ft, energy, project, cfg, history)
-    if run is not None and main:
-        sampler.save(run / "model.safetensors")
+    sampler = EnergySampler(ft, energy, project, cfg, trainer.records)
+    if out is not None and dist.is_main():
+        sampler.save(Path(out) / "model.safetensors")
     dist.barrier()   # the run folder is complete before any process returns
     return sampler
-
-
-def _read_log(path: Path) -> list:
-    """The records of a log.jsonl, stopping at a line cut short by a kill."""
-    records = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records

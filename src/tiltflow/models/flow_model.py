@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import integrators
+from .. import integrators, validation
 from ..paths import AffinePath, get_path
 from .analytic import GaussianMixtureVelocity
 from .mlp import MLPVelocity
@@ -67,11 +67,6 @@ def build_net(cfg: dict) -> nn.Module:
                      "FixedCondVelocity, SD3Velocity, UNetVelocity")
 
 
-def _check_positive_int(name, value):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 class FlowModel(nn.Module):
     """A generative flow: velocity network `net` on `path`, data of shape `shape`.
 
@@ -118,7 +113,7 @@ class FlowModel(nn.Module):
         SD3: the scheduler's shifted σ grid, as the pipeline samples), uniform otherwise;
         "uniform": uniform for every network.
         """
-        _check_positive_int("steps", steps)
+        validation.positive_int(steps, "steps")
         if grid not in ("auto", "uniform"):
             raise ValueError(f"grid must be 'auto' (the network's own grid, else uniform) or 'uniform', got {grid!r}")
         own = getattr(self.net, "default_grid", None) if grid == "auto" else None
@@ -132,12 +127,17 @@ class FlowModel(nn.Module):
 
         grid: "auto" (the network's own time grid, e.g. SD3's shifted one; uniform for networks
         without one) or "uniform" (see `time_grid`).
+        Randomness: `generator` if given, else a generator seeded with `seed`; with neither, a
+        fresh seed drawn from the global torch RNG (two calls differ; `torch.manual_seed` makes
+        them reproducible).
         Returns (n, *shape), or (trajectory (steps + 1, n, *shape), grid) with return_trajectory.
         """
-        _check_positive_int("n", n)
-        _check_positive_int("steps", steps)
+        validation.positive_int(n, "n")
+        validation.positive_int(steps, "steps")
         if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(0 if seed is None else seed)
+            if seed is None:   # fresh randomness, reproducible under torch.manual_seed
+                seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            generator = torch.Generator(device=self.device).manual_seed(seed)
         x = self.prior(n, generator)
         grid = self.time_grid(steps, grid, device=x.device)
         if sde:
@@ -153,7 +153,7 @@ class FlowModel(nn.Module):
         Hutchinson's estimator (n_samples Rademacher probes) otherwise. grid: as in `sample`.
         create_graph: the result stays differentiable in x (∇_x log p by autograd; default detached).
         """
-        _check_positive_int("steps", steps)
+        validation.positive_int(steps, "steps")
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a tensor (n, {', '.join(map(str, self.shape))}), got {type(x).__name__}")
         if x.ndim != len(self.shape) + 1 or tuple(x.shape[1:]) != self.shape:

@@ -1,7 +1,7 @@
 """The digits task: scikit-learn's bundled 8×8 handwritten digits, offline and CPU-sized.
 
     from tiltflow.tasks import digits
-    base = digits.pretrain_base(steps=1500)                    # class-conditional U-Net flow
+    base = digits.pretrain_base(iters=1500)                    # class-conditional U-Net flow
     r = digits.reward()                                        # r(x, cond) = log p_clf(digit | x)
     ft = tilt.finetune(base, tilt.CVaR(r, 0.1, tail="left"), lam=0.1, prompts=digits.prompts())
     x, c = digits.sample(ft, per_digit=8)                      # (80, 1, 8, 8), one-hot (80, 10)
@@ -322,18 +322,22 @@ class RewardEntropy:
 
 # --- models ----------------------------------------------------------------------------------
 
-def pretrain_base(steps: int = 1500, *, channels=(16, 32), batch_size: int = 128, lr: float = 2e-3,
+def pretrain_base(iters: int = 1500, *, channels=(16, 32), batch_size: int = 128, lr: float = 2e-3,
                   copies: int = 4, seed: int = 0, device="auto", out=None, resume: bool = False,
-                  progress: bool = True, **kwargs) -> FlowModel:
+                  progress: bool = True, steps: int | None = None, **kwargs) -> FlowModel:
     """Pretrain the class-conditional U-Net flow on the train split (tilt.pretrain with a ready
-    SmallUNetVelocity and one-hot cond). kwargs: other pretrain options (ema, lr_warmup, ...)."""
+    SmallUNetVelocity and one-hot cond) for `iters` optimiser steps. kwargs: other pretrain options
+    (ema, lr_warmup, ...). Deprecated: steps= (use iters=)."""
     from ..methods.pretrain import pretrain
+    from ..validation import renamed
+    if steps is not None:
+        iters = renamed("steps", "iters", steps, iters, 1500, "pretrain_base")
 
     x, c = training_data(copies, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = SmallUNetVelocity(size=8, in_channels=1, channels=tuple(channels), num_classes=NUM_CLASSES)
-    return pretrain(x, steps, model=net, cond=c, batch_size=batch_size, lr=lr, seed=seed, device=device,
+    return pretrain(x, iters, network=net, cond=c, batch_size=batch_size, lr=lr, seed=seed, device=device,
                     out=out, resume=resume, progress=progress, **kwargs)
 
 

@@ -152,9 +152,9 @@ SAMPLER_DEFAULTS = {
     "gmm40": dict(prior_scale=25.0, energy_grad_clip=100.0),
     "manywell": dict(prior_scale=1.0),        # s = 2 or 3 sends some coordinates to the lighter well (log Z off by 10-13)
     "dw4": dict(prior_scale=2.0),
-    "lj13": dict(prior_scale=1.0, energy_grad_clip=100.0, network="egnn", hidden=(32, 32, 32), samples_per_epoch=64,
+    "lj13": dict(prior_scale=1.0, energy_grad_clip=100.0, network="egnn", hidden=(32, 32, 32), samples_per_rollout=64,
                  batch_size=128, lr_final=1e-4),      # the MLP fails on LJ-13 (benchmarks/energies.py)
-    "lj55": dict(prior_scale=1.0, energy_grad_clip=100.0, network="egnn", hidden=(32, 32, 32), samples_per_epoch=64,
+    "lj55": dict(prior_scale=1.0, energy_grad_clip=100.0, network="egnn", hidden=(32, 32, 32), samples_per_rollout=64,
                  batch_size=128, lr_final=1e-4),      # LJ-13's settings, not tuned (no CPU-sized run)
 }
 

@@ -14,24 +14,14 @@ from types import MappingProxyType
 
 import torch
 
+from ..validation import non_negative, positive, positive_int
+
 _LOG_2PI = math.log(2.0 * math.pi)
-
-
-def _check_n(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    return n
 
 
 def _device(generator: torch.Generator | None):
     """Samplers draw on their generator's device (the CPU without one)."""
     return None if generator is None else generator.device
-
-
-def _check_lam(lam: float) -> float:
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 < lam < math.inf:
-        raise ValueError(f"lam must be a positive finite number, got {lam!r}")
-    return float(lam)
 
 
 def _as64(v) -> torch.Tensor:
@@ -41,12 +31,6 @@ def _as64(v) -> torch.Tensor:
     if isinstance(v, torch.Tensor):
         return v.detach().to(torch.float64)
     return torch.as_tensor(v, dtype=torch.float64)
-
-
-def _check_noise(noise: float) -> float:
-    if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < math.inf:
-        raise ValueError(f"noise must be a non-negative finite number, got {noise!r}")
-    return float(noise)
 
 
 def _vector(v, d: int, name: str) -> torch.Tensor:
@@ -142,7 +126,7 @@ class GaussianMixture:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw n samples; returns (n, d) float32."""
-        _check_n(n)
+        positive_int(n, "n")
         dev = _device(generator)
         k = torch.multinomial(self._w.to(dev), n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64, device=dev)
@@ -195,7 +179,7 @@ class GaussianMixture:
         a: (d,); lam > 0.
         """
         a = _vector(a, self.dim, "a")
-        lam = _check_lam(lam)
+        lam = positive(lam, "lam")
         sa = self._cov @ a  # (K, d)
         mu = self._mu + sa / lam
         log_w = torch.log(self._w) + self._mu @ a / lam + (sa @ a) / (2.0 * lam**2)
@@ -218,7 +202,7 @@ class GaussianMixture:
             raise ValueError(f"A must have shape ({d}, {d}), got shape {tuple(A.shape)}")
         if not torch.isfinite(A).all():
             raise ValueError("A contains NaN or inf")
-        lam = _check_lam(lam)
+        lam = positive(lam, "lam")
         b = torch.zeros(d, dtype=torch.float64) if b is None else _vector(b, d, "b")
         A = 0.5 * (A + A.T)
 
@@ -254,14 +238,14 @@ class TwoMoons:
     dim = 2
 
     def __init__(self, noise: float = 0.05):
-        self.noise = _check_noise(noise)
+        self.noise = non_negative(noise, "noise")
 
     def __repr__(self) -> str:
         return f"TwoMoons(noise={self.noise})"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Returns (n, 2) float32."""
-        _check_n(n)
+        positive_int(n, "n")
         dev = _device(generator)
         t = math.pi * torch.rand(n, generator=generator, device=dev)
         upper = torch.randint(0, 2, (n,), generator=generator, device=dev).bool()
@@ -284,7 +268,7 @@ class Checkerboard:
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Returns (n, 2) float32."""
-        _check_n(n)
+        positive_int(n, "n")
         dev = _device(generator)
         col = torch.randint(0, 4, (n,), generator=generator, device=dev)
         row = 2 * torch.randint(0, 2, (n,), generator=generator, device=dev) + col % 2  # same parity as col
@@ -317,14 +301,14 @@ class Rings:
         if r.ndim != 1 or r.shape[0] == 0 or not torch.isfinite(r).all() or (r <= 0).any():
             raise ValueError(f"radii must be a non-empty sequence of positive numbers, got {radii}")
         self.radii = tuple(float(v) for v in r)
-        self.noise = _check_noise(noise)
+        self.noise = non_negative(noise, "noise")
 
     def __repr__(self) -> str:
         return f"Rings(radii={self.radii}, noise={self.noise})"
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Returns (n, 2) float32."""
-        _check_n(n)
+        positive_int(n, "n")
         dev = _device(generator)
         which = torch.randint(0, len(self.radii), (n,), generator=generator, device=dev)
         rho = torch.tensor(self.radii, device=dev)[which] + self.noise * torch.randn(n, generator=generator, device=dev)
