@@ -178,6 +178,7 @@ class Trainer:
 
         callback(iter, record) after each written record; callback(iter, record, model) if it
         takes three arguments (`model`: the model being trained, e.g. to draw validation samples).
+        The tracker is closed when the run ends or fails.
         """
         with_model = callback is not None and _wants_model(callback)
         bar = tqdm(range(self.start, self.iters), initial=self.start, total=self.iters,
@@ -244,8 +245,6 @@ class Trainer:
                     callback(done, record, model) if with_model else callback(done, record)
         finally:
             bar.close()
+            if self.tracker is not None:    # the run is over, or failed: flush and close the tracker
+                self.tracker.close()
         return record
-
-    def close(self) -> None:
-        if self.tracker is not None:
-            self.tracker.close()

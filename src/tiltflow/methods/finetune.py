@@ -360,6 +360,33 @@ def _micro_batch(ft, base, solver, g, c, gen, grid, micro: int, cfg: FinetuneCon
     return float(loss.detach()), kl, batch.x1, batch.r, (ta, tb, tc)
 
 
+def _summary(parts, raw_reward, r_cond, micro: int, t0: float) -> tuple[dict, dict]:
+    """(stats, info) of one iteration from its micro-batches [(g, loss, kl, x1, g(x1), times)].
+
+    stats are averaged over processes by the loop; info holds the reward summary of all processes'
+    end points (r itself, or raw_reward(x1, cond) when g is a pseudo-reward), and the phase times.
+    """
+    x1 = torch.cat([p[3] for p in parts])
+    with torch.no_grad():
+        g_all = torch.cat([p[4] for p in parts])
+        # (objectives' r(x) or r(x, cond) call: a one-argument reward is accepted as well)
+        r = g_all if raw_reward is None else _call_reward(raw_reward, x1, r_cond)
+    stats = {"loss": sum(p[1] for p in parts) / len(parts), "kl": sum(p[2] for p in parts) / len(parts),
+             "diversity": mean_pairwise_distance(x1[:256])}
+    thresholds = [(getattr(p[0], "eta", None), getattr(p[0], "tail", None)) for p in parts]
+    if all(e is not None and t is not None for e, t in thresholds):
+        # fraction of each micro-batch beyond its threshold: β at the optimum (F'(η*) = 0)
+        stats["tail_fraction"] = sum(tail_fraction(r_j, e, t) for r_j, (e, t) in
+                                     zip(r.split(micro), thresholds)) / len(thresholds)
+    rg = dist.all_gather(torch.stack([r.float().reshape(-1), g_all.float().reshape(-1)], 1))
+    t_roll = sum(tb - ta for *_, (ta, tb, tc) in parts)
+    t_adj = sum(tc - tb for *_, (ta, tb, tc) in parts)
+    info = {**{f"reward_{k}": v for k, v in reward_summary(rg[:, 0]).items()},
+            "pseudo_reward_mean": float(rg[:, 1].mean()), "time_rollout": t_roll, "time_adjoint": t_adj,
+            "time_loss": time.perf_counter() - t0 - t_roll - t_adj}
+    return stats, info
+
+
 def finetune(model: FlowModel, objective, lam: float | None = None, iters: int | None = None, *,
              config: FinetuneConfig | None = None, out=None, resume: bool = False, progress: bool = True,
              trainable: Callable | None = None, cond=None, prompts=None, callback: Callable | None = None,
@@ -439,46 +466,21 @@ def finetune(model: FlowModel, objective, lam: float | None = None, iters: int |
 
     def step(it):
         t0 = time.perf_counter()
-        losses, kls, x1s, gs, thresholds = [], [], [], [], []   # thresholds: (η, tail) per micro-batch (CVaR)
-        t_roll = t_adj = 0.0
         # the prompt of each micro-batch of this iteration (the same on all processes)
         pick = [schedule(it * shards + j) for j in range(shards)] if conds is not None else None
+        parts = []
         for i in mine:
             c, g_i = (cond, reward) if conds is None else (conds[pick[i]], g_prompt[pick[i]] if g_prompt else reward)
-            loss, kl, x1, g_val, (ta, tb, tc) = _micro_batch(ft, base, solver, g_i, c, gens[i], grid, micro, cfg,
-                                                             amp, backward)
-            t_roll, t_adj = t_roll + (tb - ta), t_adj + (tc - tb)
-            losses.append(loss)
-            kls.append(kl)
-            x1s.append(x1)
-            gs.append(g_val)
-            thresholds.append((getattr(g_i, "eta", None), getattr(g_i, "tail", None)))
-        x1 = torch.cat(x1s)
-        with torch.no_grad():
-            g_all = torch.cat(gs)
-            r_cond = cond if conds is None else pr.stack_prompts([conds[pick[i]] for i in mine], [micro] * len(mine))
-            # (objectives' r(x) or r(x, cond) call: a one-argument reward is accepted as well)
-            r = g_all if raw_reward is reward else _call_reward(raw_reward, x1, r_cond)
-        stats = {"loss": sum(losses) / len(losses), "kl": sum(kls) / len(kls),
-                 "diversity": mean_pairwise_distance(x1[:256])}
-        if all(e is not None and t is not None for e, t in thresholds):
-            # fraction of each micro-batch beyond its threshold: β at the optimum (F'(η*) = 0)
-            stats["tail_fraction"] = sum(tail_fraction(r_j, e, t) for r_j, (e, t) in
-                                         zip(r.split(micro), thresholds)) / len(thresholds)
-        rg = dist.all_gather(torch.stack([r.float().reshape(-1), g_all.float().reshape(-1)], 1))
-        info = {**{f"reward_{k}": v for k, v in reward_summary(rg[:, 0]).items()},
-                "pseudo_reward_mean": float(rg[:, 1].mean()),
-                **({"eta": [float(g_prompt[p].eta) for p in pick]} if g_prompt else
-                   {"eta": float(reward.eta)} if hasattr(reward, "eta") else {}),
-                "time_rollout": t_roll, "time_adjoint": t_adj,
-                "time_loss": time.perf_counter() - t0 - t_roll - t_adj,
-                **({"prompts": pick} if conds is not None else {})}
-        return stats, info
+            parts.append((g_i, *_micro_batch(ft, base, solver, g_i, c, gens[i], grid, micro, cfg, amp, backward)))
+        r_cond = cond if conds is None else pr.stack_prompts([conds[pick[i]] for i in mine], [micro] * len(mine))
+        stats, info = _summary(parts, None if raw_reward is reward else raw_reward, r_cond, micro, t0)
+        info.update({"eta": [float(g_prompt[p].eta) for p in pick]} if g_prompt else
+                    {"eta": float(reward.eta)} if hasattr(reward, "eta") else {})
+        return stats, {**info, **({"prompts": pick} if conds is not None else {})}
 
     try:
-        last = trainer.run(step, callback=callback, model=ft, checkpoint_extra={"shards": shards})
+        last = trainer.run(step, callback=callback, model=ft)
     finally:
-        trainer.close()
         restore_text()
     ft.eval()
     ft.requires_grad_(False)

@@ -473,10 +473,7 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
 
     t_start = time.perf_counter()
     ft.train()
-    try:
-        last = trainer.run(step, callback=callback)
-    finally:
-        trainer.close()
+    last = trainer.run(step, callback=callback)
     result = avg if avg is not None else ft
     result.eval()
     result.requires_grad_(False)

@@ -366,10 +366,7 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
 
     t_start = time.perf_counter()
     model.train()
-    try:
-        last = trainer.run(step, callback=callback)
-    finally:
-        trainer.close()
+    last = trainer.run(step, callback=callback)
     avg.eval()
     if out is not None and dist.is_main():
         avg.save(Path(out) / "model.safetensors")

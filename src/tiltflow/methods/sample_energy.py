@@ -322,10 +322,7 @@ def sample_energy(energy: Callable, dim: int, *, config: EnergyConfig | None = N
             info["time"] = time.perf_counter() - last["t0"]
         return {"loss": loss_sum}, info
 
-    try:
-        trainer.run(step, callback=callback)
-    finally:
-        trainer.close()
+    trainer.run(step, callback=callback)
     ft.eval()
     ft.requires_grad_(False)
     sampler = EnergySampler(ft, energy, project, cfg, trainer.records)

@@ -13,6 +13,13 @@ with mean-free data: the exact centroid velocity there is −c / (1 − t), so s
 full-space Gaussian prior end mean-free. The network uses −c / (1 − t + ε): its solution
 c(t) = c_0 (1 − t + ε)/(1 + ε) is linear in t, so Euler, midpoint and Heun steps integrate it
 exactly and c(1) = c_0 ε/(1 + ε) ≈ 1e-5 c_0 (with ε = 0, Heun's last step would evaluate 0/0).
+
+Chirality. With reflections in its symmetry group the network maps a mirrored prior sample to the
+mirrored output, so its samples of a chiral molecule are racemic: half of them have the wrong
+handedness however long it trains. `chiral=True` (3-D only) adds to each layer's coordinate update
+the cross-product term Σ_j φ_c(m_ij) (x̄_i × x̄_j) of the centred coordinates x̄; since
+(Qa) × (Qb) = det(Q) Q (a × b), the term is a pseudo-vector: the velocity stays equivariant under
+proper rotations and translations but not under reflections (SE(3), not E(3)).
 """
 
 from __future__ import annotations
@@ -31,29 +38,42 @@ def _bond_kind(order: float) -> int:
 
 
 class _EGNNLayer(nn.Module):
-    """m_ij = φ_e(h_i, h_j, |x_ij|², a_ij);  x_i += Σ_j x_ij φ_x(m_ij) / (|x_ij| + 1);  h_i += φ_h(h_i, Σ_j m_ij)."""
+    """m_ij = φ_e(h_i, h_j, |x_ij|², a_ij);  x_i += Σ_j x_ij φ_x(m_ij) / (|x_ij| + 1);  h_i += φ_h(h_i, Σ_j m_ij).
 
-    def __init__(self, hidden: int):
+    chiral=True adds Σ_j φ_c(m_ij) (x̄_i × x̄_j) / (√(|x̄_i|² + 1) √(|x̄_j|² + 1)) to the coordinate
+    update, x̄ = x − mean_i x_i (module docstring); edge_dim: width of the edge labels a_ij (0: none).
+    """
+
+    def __init__(self, hidden: int, edge_dim: int = N_BOND_KINDS, chiral: bool = False):
         super().__init__()
-        self.edge = nn.Sequential(nn.Linear(2 * hidden + 1 + N_BOND_KINDS, hidden), nn.SiLU(),
+        self.edge = nn.Sequential(nn.Linear(2 * hidden + 1 + edge_dim, hidden), nn.SiLU(),
                                   nn.Linear(hidden, hidden), nn.SiLU())
         self.coord = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.cross = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if chiral else None
         self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
     def forward(self, h, x, edge_attr, mask):
-        # h: (B, N, H); x: (B, N, D); edge_attr: (N, N, K); mask: (N, N) 1 off the diagonal
+        # h: (B, N, H); x: (B, N, D); edge_attr: (N, N, K) or None; mask: (N, N) 1 off the diagonal
         b, n, hid = h.shape
         diff = x[:, :, None] - x[:, None, :]                                  # x_i − x_j: (B, N, N, D)
         d2 = diff.pow(2).sum(-1, keepdim=True)
         # φ_e's first linear layer on [h_i, h_j, |x_ij|², a_ij] split into its blocks: the node
         # blocks are applied per node and broadcast over edges, so that O(N² H²) work becomes O(N H²)
         w, bias = self.edge[0].weight, self.edge[0].bias
-        pre = ((h @ w[:, :hid].T)[:, :, None] + (h @ w[:, hid:2 * hid].T)[:, None] + d2 * w[:, 2 * hid]
-               + edge_attr @ w[:, 2 * hid + 1:].T + bias)
+        pre = (h @ w[:, :hid].T)[:, :, None] + (h @ w[:, hid:2 * hid].T)[:, None] + d2 * w[:, 2 * hid] + bias
+        if edge_attr is not None:
+            pre = pre + edge_attr @ w[:, 2 * hid + 1:].T
         m = self.edge[1:](pre) * mask[..., None]
         # normalising by |x_ij| + 1 keeps coordinate updates bounded when atoms are far apart;
         # the 1e-12 keeps ∂|x_ii|/∂x finite on the (masked) diagonal, where 0·inf would give NaN
-        x = x + (diff * self.coord(m) / ((d2 + 1e-12).sqrt() + 1.0) * mask[..., None]).sum(2) / (n - 1)
+        dx = (diff * self.coord(m) / ((d2 + 1e-12).sqrt() + 1.0) * mask[..., None]).sum(2)
+        if self.cross is not None:
+            xc = x - x.mean(dim=1, keepdim=True)
+            # |x̄_i × x̄_j| / (s_i s_j) < 1 with s_i = √(|x̄_i|² + 1), smooth where x̄_i = 0 (unlike |x̄_i|)
+            s = (xc.pow(2).sum(-1, keepdim=True) + 1.0).rsqrt()                  # (B, N, 1)
+            cross = torch.linalg.cross((xc * s)[:, :, None], (xc * s)[:, None])  # (B, N, N, 3)
+            dx = dx + (cross * self.cross(m) * mask[..., None]).sum(2)
+        x = x + dx / (n - 1)
         h = h + self.node(torch.cat([h, m.sum(2) / (n - 1)], dim=-1))
         return h, x
 
@@ -63,11 +83,13 @@ class EGNNVelocity(nn.Module):
 
     atomic_numbers: (atoms,); bonds: (n_bonds, 2) atom indices; bond_orders: (n_bonds,) with
     1, 2, 3 or 1.5 (aromatic); spatial_dim: D (3 for molecules). `cond` is not used: the graph
-    is fixed at construction.
+    is fixed at construction. chiral=True: SE(3)- instead of E(3)-equivariant (the cross-product
+    term of the module docstring), needed for the samples of a chiral molecule to keep its
+    handedness; D must be 3.
     """
 
     def __init__(self, atomic_numbers, bonds, bond_orders=None, hidden: int = 64, layers: int = 4,
-                 time_dim: int = 32, spatial_dim: int = 3):
+                 time_dim: int = 32, spatial_dim: int = 3, chiral: bool = False):
         super().__init__()
         z = torch.as_tensor(atomic_numbers, dtype=torch.long).flatten()
         bonds = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
@@ -81,6 +103,11 @@ class EGNNVelocity(nn.Module):
             raise ValueError(f"bond_orders must have shape ({bonds.shape[0]},), got {tuple(orders.shape)}")
         if isinstance(spatial_dim, bool) or not isinstance(spatial_dim, int) or spatial_dim <= 0:
             raise ValueError(f"spatial_dim must be a positive integer, got {spatial_dim!r}")
+        if not isinstance(chiral, bool):
+            raise ValueError(f"chiral must be True or False, got {chiral!r}")
+        if chiral and spatial_dim != 3:
+            raise ValueError(f"chiral=True needs 3-D coordinates (a cross product), got spatial_dim={spatial_dim}")
+        self.chiral = chiral
         self.n_atoms, self.spatial_dim, self.dim = n, spatial_dim, spatial_dim * n
         self.hidden, self.n_layers, self.time_dim = int(hidden), int(layers), int(time_dim)
         self._graph = (z.tolist(), bonds.tolist(), orders.tolist())
@@ -94,11 +121,13 @@ class EGNNVelocity(nn.Module):
         self.embed_type = nn.Embedding(len(elements), self.hidden)
         self.embed_time = TimeEmbedding(self.time_dim)
         self.mix = nn.Linear(self.hidden + self.time_dim, self.hidden)
-        self.layers = nn.ModuleList(_EGNNLayer(self.hidden) for _ in range(self.n_layers))
+        self.layers = nn.ModuleList(_EGNNLayer(self.hidden, chiral=chiral) for _ in range(self.n_layers))
 
     @classmethod
     def from_graph(cls, graph, **kwargs) -> "EGNNVelocity":
-        """From a `tiltflow.tasks.molecules.MolGraph` (task.graph)."""
+        """From a `tiltflow.tasks.molecules.MolGraph` (task.graph); chiral defaults to `graph.chiral`
+        (True when the molecule has a specified tetrahedral stereocentre)."""
+        kwargs.setdefault("chiral", bool(getattr(graph, "chiral", False)))
         return cls(graph.atomic_numbers, graph.bonds, graph.bond_orders, **kwargs)
 
     @classmethod
@@ -107,10 +136,11 @@ class EGNNVelocity(nn.Module):
         return cls([0] * n_particles, [], spatial_dim=spatial_dim, **kwargs)
 
     def config(self) -> dict:
+        # "chiral" only when set: checkpoints written before the option load with an equal config
         z, bonds, orders = self._graph
         return {"class": "EGNNVelocity", "atomic_numbers": z, "bonds": bonds, "bond_orders": orders,
                 "hidden": self.hidden, "layers": self.n_layers, "time_dim": self.time_dim,
-                "spatial_dim": self.spatial_dim}
+                "spatial_dim": self.spatial_dim, **({"chiral": True} if self.chiral else {})}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         b = x.shape[0]

@@ -53,6 +53,9 @@ def build_net(cfg: dict) -> nn.Module:
     if cls == "EGNNVelocity":
         from .egnn import EGNNVelocity
         return EGNNVelocity(**cfg)
+    if cls == "SE3Velocity":
+        from .se3 import SE3Velocity
+        return SE3Velocity(**cfg)
     if cls == "SmallUNetVelocity":
         from .unet import SmallUNetVelocity
         return SmallUNetVelocity(**cfg)
@@ -63,7 +66,7 @@ def build_net(cfg: dict) -> nn.Module:
         from .diffusers_adapter import build_adapter
         return build_adapter({"class": cls, **cfg})
     raise ValueError(f"unknown network class {cls!r} in checkpoint; known: MLPVelocity, "
-                     "GaussianMixtureVelocity, ResidualVelocity, EGNNVelocity, SmallUNetVelocity, "
+                     "GaussianMixtureVelocity, ResidualVelocity, EGNNVelocity, SE3Velocity, SmallUNetVelocity, "
                      "FixedCondVelocity, SD3Velocity, UNetVelocity")
 
 

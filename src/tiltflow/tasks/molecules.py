@@ -86,12 +86,15 @@ class MolGraph:
 
     atomic_numbers: (atoms,) int64; bonds: (n_bonds, 2) int64 atom indices; bond_orders:
     (n_bonds,) float32 (1, 1.5 aromatic, 2, 3). `types` maps each atom to an index into
-    `elements` (the sorted distinct atomic numbers), for one-hot embeddings.
+    `elements` (the sorted distinct atomic numbers), for one-hot embeddings. chiral: the molecule
+    has a specified tetrahedral stereocentre, so its network must be SE(3)- rather than
+    E(3)-equivariant (`EGNNVelocity.from_graph` reads it; an E(3) network samples both hands).
     """
 
     atomic_numbers: torch.Tensor
     bonds: torch.Tensor
     bond_orders: torch.Tensor
+    chiral: bool = False
 
     @property
     def num_atoms(self) -> int:
@@ -322,10 +325,12 @@ class ConformerTask:
         self.n_atoms = self.mol.GetNumAtoms()
         self.dim = 3 * self.n_atoms
         bonds = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in self.mol.GetBonds()]
+        self._stereo = self._stereo_references()
         self.graph = MolGraph(
             atomic_numbers=torch.tensor([a.GetAtomicNum() for a in self.mol.GetAtoms()], dtype=torch.long),
             bonds=torch.tensor(bonds, dtype=torch.long).reshape(-1, 2),
             bond_orders=torch.tensor([b.GetBondTypeAsDouble() for b in self.mol.GetBonds()], dtype=torch.float32),
+            chiral=self._stereo[0].shape[0] > 0,
         )
         # references for validity, from the relaxed data
         c = torch.as_tensor(self.coords)
@@ -338,7 +343,6 @@ class ConformerTask:
         pt = Chem.GetPeriodicTable()
         rvdw = torch.tensor([pt.GetRvdw(z) for z in self.graph.atomic_numbers.tolist()], dtype=torch.float64)
         self._clash_vdw = rvdw[self._clash_pairs[0]] + rvdw[self._clash_pairs[1]]
-        self._stereo = self._stereo_references()
         self._mmff = None
 
     # --- data ------------------------------------------------------------------------------

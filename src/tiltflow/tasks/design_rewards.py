@@ -1,0 +1,362 @@
+"""Differentiable rewards of de novo molecule states: a learned property and the MMFF94 energy.
+
+    predictor, report = train_predictor(load_dataset(), "dipole")   # report: held-out MAE, R², ...
+    r = PropertyReward(predictor)          # r(x) = predictor(x), ∇ wrt coordinates and type channels
+    r = EnergyReward(clip=100.0)           # r(x) = −E_MMFF94(decode(x)), ∇ wrt present coordinates
+    save_predictor(predictor, path, report); load_predictor(path)     # safetensors, no pickle
+
+States are design.py's: x (batch, N_MAX, 3 + K), coordinates in Å then TYPE_SCALE·one-hot type
+channels ("none" marks an absent node). The property labels are computed by RDKit on the data
+(Gasteiger-charge dipole, Crippen logP); the predictor is the differentiable stand-in the
+fine-tuning solvers need, with its held-out error reported next to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..training import Trainer, cosine
+from ..validation import finite, non_negative, one_of, positive, positive_int
+from .design import K, N_MAX, TYPE_SCALE, TYPES
+from .molecules import _MMFFEnergy, _rdkit
+
+__all__ = [
+    "INVALID_ENERGY",
+    "PROPERTIES",
+    "EnergyReward",
+    "PropertyPredictor",
+    "PropertyReward",
+    "fit_predictor",
+    "load_predictor",
+    "property_labels",
+    "save_predictor",
+    "train_predictor",
+]
+
+FORMAT = "tiltflow-property-predictor-1"
+PROPERTIES = ("dipole", "logp", "qed")
+READOUTS = ("dipole", "sum")
+# the energy (kcal/mol) charged to a state that does not decode or that MMFF94 cannot type: far
+# above relaxed small molecules (about −50 … +100) and clashing but decodable ones (10²–10³)
+INVALID_ENERGY = 1000.0
+
+
+def _states(x, name: str = "x") -> torch.Tensor:
+    """x as (batch, N_MAX, 3 + K); a flat (batch, N_MAX·(3 + K)) is reshaped; ValueError otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (batch, {N_MAX}, {3 + K}), "
+                         f"got {type(x).__name__}")
+    if x.ndim == 2 and x.shape[1] == N_MAX * (3 + K):
+        x = x.reshape(x.shape[0], N_MAX, 3 + K)
+    if x.ndim != 3 or tuple(x.shape[1:]) != (N_MAX, 3 + K):
+        raise ValueError(f"{name} must have shape (batch, {N_MAX}, {3 + K}) (nodes, 3 coordinates + {K} type "
+                         f"channels {TYPES}) or (batch, {N_MAX * (3 + K)}), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+# --- the predictor ----------------------------------------------------------------------------
+
+class PropertyPredictor(nn.Module):
+    """An E(3)-invariant network of a state: x (batch, N_MAX, 3 + K) -> (batch,) property.
+
+    Continuous-filter message passing (SchNet) over all N_MAX nodes, absent ones included (their
+    "none" channel tells the network), fully connected: node features start from the type
+    channels; layer l adds m_i = Σ_{j≠i} W_l·rbf(d_ij) ⊙ V_l h_j, with rbf Gaussians of the
+    distance d_ij on [0, cutoff] Å, through a residual MLP. Only distances and types enter, so
+    the output is invariant to rotations, reflections, translations and node permutations.
+
+    readout "sum": y = mean + std · Σ_i f(h_i), for additive properties (Crippen logP is a sum of
+    atom contributions). readout "dipole": learned partial charges q_i = f(h_i) − mean_j f(h_j)
+    (neutral, so translation invariant) and y = |Σ_i q_i x_i|, the form of the Gasteiger dipole.
+    `mean`, `std`: the training labels' statistics (buffers, saved with the weights).
+    """
+
+    def __init__(self, hidden: int = 64, layers: int = 4, n_rbf: int = 32, cutoff: float = 10.0,
+                 readout: str = "dipole", property: str = "dipole"):
+        super().__init__()
+        self.hidden, self.layers = positive_int(hidden, "hidden"), positive_int(layers, "layers")
+        self.n_rbf, self.cutoff = positive_int(n_rbf, "n_rbf", 2), positive(cutoff, "cutoff")
+        self.readout, self.property = one_of(readout, "readout", READOUTS), str(property)
+        self.embed = nn.Linear(K, hidden)
+        self.filters = nn.ModuleList(nn.Linear(n_rbf, hidden) for _ in range(layers))
+        self.values = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(layers))
+        self.updates = nn.ModuleList(
+            nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers))
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.register_buffer("centres", torch.linspace(0.0, self.cutoff, n_rbf))
+        self.register_buffer("mean", torch.zeros(()))
+        self.register_buffer("std", torch.ones(()))
+        self.gamma = 0.5 / float(self.centres[1] - self.centres[0]) ** 2   # Gaussians one spacing wide
+
+    def config(self) -> dict:
+        return {"hidden": self.hidden, "layers": self.layers, "n_rbf": self.n_rbf, "cutoff": self.cutoff,
+                "readout": self.readout, "property": self.property}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, N_MAX, 3 + K) (or flat) -> (batch,)."""
+        x = _states(x)
+        pos, types = x[..., :3], x[..., 3:] / TYPE_SCALE
+        diff = pos[:, :, None] - pos[:, None, :]
+        # the epsilon keeps ∇d finite where two nodes coincide (absent nodes all sit at the origin)
+        d = (diff.pow(2).sum(-1) + 1e-8).sqrt()                                # (batch, N, N)
+        rbf = torch.exp(-self.gamma * (d[..., None] - self.centres).pow(2))    # (batch, N, N, n_rbf)
+        off_diag = 1.0 - torch.eye(N_MAX, dtype=x.dtype, device=x.device)
+        rbf = rbf * off_diag[:, :, None]
+        h = self.embed(types)
+        for filt, value, update in zip(self.filters, self.values, self.updates):
+            m = torch.einsum("bijh,bjh->bih", filt(rbf), value(h)) / math.sqrt(N_MAX)
+            h = h + update(torch.cat([h, m], dim=-1))
+        f = self.head(h)[..., 0]                                               # (batch, N)
+        if self.readout == "sum":
+            return self.mean + self.std * f.sum(-1)
+        q = f - f.mean(-1, keepdim=True)
+        mu = (q[..., None] * pos).sum(1)                                       # (batch, 3)
+        return (mu.pow(2).sum(-1) * self.std ** 2 + 1e-8).sqrt()
+
+
+def save_predictor(predictor: PropertyPredictor, path, report: dict | None = None) -> Path:
+    """Write weights, architecture and (optionally) the training report to one safetensors file."""
+    from safetensors.torch import save_file
+    if not isinstance(predictor, PropertyPredictor):
+        raise ValueError(f"predictor must be a PropertyPredictor, got {type(predictor).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in predictor.state_dict().items()}
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "config": json.dumps(predictor.config()),
+                                           "report": json.dumps(report or {})})
+    os.replace(tmp, path)
+    return path
+
+
+def load_predictor(path, device=None) -> PropertyPredictor:
+    """Rebuild a predictor written by `save_predictor` (nothing is unpickled); its report is `.report`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no predictor file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 — safetensors raises several types on bad files
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a tiltflow property predictor (format {meta.get('format')!r})")
+    predictor = PropertyPredictor(**json.loads(meta["config"]))
+    predictor.load_state_dict(load_file(str(path)), strict=True)
+    predictor.report = json.loads(meta.get("report", "{}"))
+    return predictor.eval().to(device) if device is not None else predictor.eval()
+
+
+# --- training ---------------------------------------------------------------------------------
+
+def property_labels(x: torch.Tensor, property: str = "dipole") -> np.ndarray:
+    """RDKit labels of states x: (n, N_MAX, 3 + K) -> (n,) float64, NaN where RDKit fails.
+
+    Computed on the decoded molecules by design.properties, as design.evaluate scores samples:
+    "dipole" (Gasteiger-charge dipole, e·Å), "logp" (Crippen), "qed".
+    """
+    one_of(property, "property", PROPERTIES)
+    from .design import properties
+    return np.asarray(properties(_states(x).detach().cpu())[property], dtype=np.float64)
+
+
+def _fit_report(predictor, x, y) -> dict:
+    with torch.no_grad():
+        pred = torch.cat([predictor(b) for b in x.split(256)]).double().numpy()
+    err = pred - y
+    std = float(y.std())
+    return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean())), "label_std": std,
+            "r2": float(1.0 - (err ** 2).mean() / max(std ** 2, 1e-30)), "n": int(len(y))}
+
+
+def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, *, readout: str = "dipole",
+                  property: str = "custom", iters: int = 3000, seed: int = 0, batch_size: int = 64,
+                  lr: float = 2e-3, hidden: int = 64, layers: int = 4, coord_noise: float = 0.05,
+                  type_noise: float = 0.2, progress: bool = False) -> tuple[PropertyPredictor, dict]:
+    """Train a PropertyPredictor by mean squared error on (x_train, y_train); report on the test set.
+
+    x_*: (n, N_MAX, 3 + K); y_*: (n,) labels (NaN rows are dropped). Each batch is augmented with
+    Gaussian noise of std `coord_noise` Å on the coordinates and `type_noise` on the type channels
+    (the reward sees generated states, whose type channels are not exactly one-hot); labels stay
+    those of the clean states. Adam with a cosine learning rate from `lr` to lr/100, gradient norm
+    clipped at 1, through training.Trainer. Report: held-out mae, rmse, label_std, r2, n; the
+    train-set mae; n_train and train_seconds.
+    """
+    one_of(readout, "readout", READOUTS)
+    positive_int(iters, "iters"), positive_int(batch_size, "batch_size")
+    positive(lr, "lr"), non_negative(coord_noise, "coord_noise"), non_negative(type_noise, "type_noise")
+    xs, ys = [], []
+    for name, xx, yy in (("train", x_train, y_train), ("test", x_test, y_test)):
+        xx = _states(xx, f"x_{name}").detach().to("cpu", torch.float32)
+        yy = np.asarray(yy, dtype=np.float64).reshape(-1)
+        if yy.shape[0] != xx.shape[0]:
+            raise ValueError(f"y_{name} must hold one label per state ({xx.shape[0]}), got {yy.shape[0]}")
+        keep = np.isfinite(yy)
+        if keep.sum() < 2:
+            raise ValueError(f"y_{name} needs at least 2 finite labels, got {int(keep.sum())}")
+        xs.append(xx[torch.as_tensor(keep)])
+        ys.append(yy[keep])
+    (x_train, x_test), (y_train, y_test) = xs, ys
+    torch.manual_seed(seed)        # the initial weights; batches and noise come from `gen`
+    predictor = PropertyPredictor(hidden, layers, readout=readout, property=property)
+    y = torch.as_tensor(y_train, dtype=torch.float32)
+    std = float(y.std())
+    predictor.std.fill_(std)
+    if readout == "sum":
+        predictor.mean.fill_(float(y.mean()))
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(predictor.parameters(), lr=lr)
+
+    def step(it):
+        idx = torch.randint(len(x_train), (batch_size,), generator=gen)
+        xb = x_train[idx]
+        noise = torch.randn(xb.shape, generator=gen)
+        xb = xb + noise * torch.tensor([coord_noise] * 3 + [type_noise] * K)
+        loss = ((predictor(xb) - y[idx]) / std).pow(2).mean()     # MSE in units of the label std
+        loss.backward()
+        return {"loss": float(loss)}, {}
+
+    trainer = Trainer("predictor", params=predictor.parameters(), opt=opt, modules={"predictor": predictor},
+                      gens={0: gen}, iters=iters, config={"iters": iters}, lr_at=cosine(lr, lr / 100, iters),
+                      grad_clip=1.0, max_nonfinite=20, checkpoint_every=iters, progress=progress,
+                      log_when=lambda done: done % 100 == 0)
+    t0 = time.perf_counter()
+    predictor.train()
+    trainer.run(step)
+    seconds = time.perf_counter() - t0
+    predictor.eval()
+    report = {"property": property, "readout": readout, "iters": iters, **_fit_report(predictor, x_test, y_test),
+              "train_mae": _fit_report(predictor, x_train, y_train)["mae"], "n_train": int(len(y_train)),
+              "train_seconds": seconds}
+    predictor.report = report
+    return predictor, report
+
+
+def train_predictor(data, property: str = "dipole", iters: int = 3000, seed: int = 0,
+                    **kwargs) -> tuple[PropertyPredictor, dict]:
+    """Train a predictor of an RDKit property on design data; report its held-out error.
+
+    data: design.DesignData (.train, .test states). property: "dipole" (Gasteiger dipole, the
+    dipole readout), "logp" (Crippen) or "qed" (both the sum readout); labels by property_labels.
+    kwargs: fit_predictor's. Returns (predictor in eval mode, report) with the test split's mae,
+    label_std and r2 (see fit_predictor).
+    """
+    one_of(property, "property", PROPERTIES)
+    y_train, y_test = property_labels(data.train, property), property_labels(data.test, property)
+    readout = "dipole" if property == "dipole" else "sum"
+    return fit_predictor(data.train, y_train, data.test, y_test, readout=readout, property=property,
+                         iters=iters, seed=seed, **kwargs)
+
+
+# --- rewards ----------------------------------------------------------------------------------
+
+class PropertyReward:
+    """r(x) = scale · predictor(x); x: (batch, N_MAX, 3 + K) -> (batch,), differentiable in x.
+
+    The gradient reaches the coordinates and the type channels. The predictor is copied and frozen
+    (eval mode, no parameter gradients), so fine-tuning never changes it. A negative scale rewards
+    low values of the property.
+    """
+
+    name = "property"
+
+    def __init__(self, predictor: PropertyPredictor, scale: float = 1.0):
+        if not isinstance(predictor, PropertyPredictor):
+            raise ValueError(f"predictor must be a PropertyPredictor, got {type(predictor).__name__}")
+        self.scale = finite(scale, "scale")
+        self.predictor = copy.deepcopy(predictor).eval().requires_grad_(False)
+        self.name = predictor.property
+
+    def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        x = _states(x)
+        p = next(self.predictor.parameters())
+        if self.predictor.mean.device != x.device:
+            self.predictor.to(x.device)
+        return self.scale * self.predictor(x.to(p.dtype)).to(x.dtype)
+
+    def __repr__(self) -> str:
+        return f"PropertyReward({self.predictor.property!r}, scale={self.scale})"
+
+
+class EnergyReward:
+    """r(x) = −min(E_MMFF94(decode(x)), clip) / scale in kcal/mol; x: (batch, N_MAX, 3 + K) -> (batch,).
+
+    Each state is decoded by design.decode (types by argmax, bonds from geometry) and scored by
+    RDKit's MMFF94 at the coordinates of its present nodes; the gradient is RDKit's analytic one
+    (tasks.molecules' MMFF function) on those coordinates, zero on absent nodes and on the type
+    channels. A state that does not decode, holds a non-finite number, or that MMFF94 cannot
+    type is charged `invalid_energy` (default INVALID_ENERGY = 1000 kcal/mol, so r = −1000/scale)
+    with zero gradient. `clip` (kcal/mol, None = off) caps the energy so one exploding conformer
+    does not dominate a batch (its gradient is then zero); it must not exceed invalid_energy, so
+    an invalid state never scores better than a decodable one.
+    """
+
+    name = "mmff"
+
+    def __init__(self, scale: float = 1.0, clip: float | None = None, invalid_energy: float = INVALID_ENERGY,
+                 nonbonded_cutoff: float = 100.0):
+        _rdkit()
+        self.scale = positive(scale, "scale")
+        self.invalid_energy = finite(invalid_energy, "invalid_energy")
+        self.clip = None if clip is None else finite(clip, "clip")
+        if self.clip is not None and self.clip > self.invalid_energy:
+            raise ValueError(f"clip must be at most invalid_energy = {self.invalid_energy} kcal/mol (else an "
+                             f"undecodable state would score better than a clipped one), got {clip!r}")
+        self.nonbonded_cutoff = positive(nonbonded_cutoff, "nonbonded_cutoff")
+
+    def _force_field(self, mol):
+        """MMFF94 force field of a decoded molecule, or None when MMFF cannot type it."""
+        from rdkit.Chem import AllChem
+        try:
+            props = AllChem.MMFFGetMoleculeProperties(mol)
+            if props is None:
+                return None
+            return AllChem.MMFFGetMoleculeForceField(mol, props, nonBondedThresh=self.nonbonded_cutoff)
+        except Exception:  # noqa: BLE001 — RDKit raises several types on molecules it cannot handle
+            return None
+
+    def energy(self, x: torch.Tensor) -> torch.Tensor:
+        """E_MMFF94 in kcal/mol, (batch,), differentiable in the present coordinates; invalid_energy
+        where the state does not decode or cannot be typed (not clipped)."""
+        from .design import decode
+        x = _states(x)
+        ok = torch.isfinite(x.detach()).flatten(1).all(1)
+        # rows with NaN/inf are zeroed before RDKit sees them; their gradient is zero through where
+        safe = torch.where(ok[:, None, None], x, torch.zeros_like(x))
+        mols = decode(safe.detach().cpu())
+        present = safe.detach()[..., 3:].argmax(-1) != TYPES.index("none")             # (batch, N)
+        out = []
+        for b, mol in enumerate(mols):
+            ff = None
+            idx = present[b].nonzero()[:, 0]
+            if bool(ok[b]) and mol is not None and mol.GetNumAtoms() == len(idx):
+                ff = self._force_field(mol)
+            if ff is None:
+                # the zero-weighted term keeps the output in x's graph (a batch of invalid states
+                # still has a gradient, zero) without carrying NaN: `safe` is finite
+                out.append(safe[b, 0, 0] * 0.0 + self.invalid_energy)
+            else:
+                out.append(_MMFFEnergy.apply(safe[b, idx, :3].reshape(1, -1), ff)[0])
+        return torch.stack(out)
+
+    def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        e = self.energy(x)
+        if self.clip is not None:
+            e = e.clamp(max=self.clip)
+        return -e / self.scale
+
+    def __repr__(self) -> str:
+        return f"EnergyReward(scale={self.scale}, clip={self.clip}, invalid_energy={self.invalid_energy})"
