@@ -10,8 +10,10 @@ stays E(3)-equivariant) with r = −E_MMFF94 (kcal/mol) under ExpectedReward and
 (`tilt.CVaR(r, level=β, tail=...)`) right and left at β ∈ {0.05, 0.1, 0.2}, all at the same λ,
 iterations, batch, lr and seed. For each model, on ODE samples: energy quantiles (5/25/50/75/95 %),
 left/right CVaR of r at 5/10/20 % (worst / best β fraction of −energy), validity (bond lengths
-within 15 % of the data's, no clashes below 0.7 × the van der Waals contact, stereo kept), mean
-pairwise Kabsch RMSD; and wall seconds of each fine-tuning run and per iteration (TFFT's stage 1,
+within 15 % of the data's, bond angles and planar groups within the data's spread (`task.check`),
+no clashes below 0.7 × the van der Waals contact, stereo kept), the share of samples with the
+reference handedness (chiral molecules, e.g. L-alanine, get the SE(3) network `chiral=True`; an
+E(3) one gives ½), mean pairwise symmetry-aware RMSD, COV/MAT against the data; and wall seconds of each fine-tuning run and per iteration (TFFT's stage 1,
 sampling the offline base set and solving for η*, is inside its run).
 
 Writes results/molecules.json and results/molecules.png (results/molecules_quick.* with --quick).
@@ -88,6 +90,7 @@ def run_molecule(name: str, smiles: str, args, cfg: dict) -> dict:
     out["answer"] = {
         "worst10_energy": {k: v["worst10_energy"] for k, v in m.items()},
         "validity": {k: v["rate_valid"] for k, v in m.items()},
+        "handedness_share": {k: v["handedness_share"] for k, v in m.items()},     # None: no stereocentre
         "diversity_rmsd": {k: v["diversity_rmsd"] for k, v in m.items()},
         "left_0.1_beats_expected_on_worst10": m["left_0.1"]["worst10_energy"] < m["expected"]["worst10_energy"],
         "validity_change_vs_base": {k: v["rate_valid"] - b["rate_valid"] for k, v in m.items() if k != "data"},

@@ -17,8 +17,8 @@ def _net(**kw):
     return SE3Velocity(n_nodes=N, n_types=K, hidden=16, layers=3, **kw)
 
 
-def _orthogonal(seed, proper=True):
-    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed)))
+def _orthogonal(seed, proper=True, dtype=torch.float32):
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=dtype))
     return q * torch.sign(torch.linalg.det(q)) * (1 if proper else -1)
 
 
@@ -114,3 +114,37 @@ def test_bad_arguments():
         SE3Velocity(n_nodes=1)
     with pytest.raises(ValueError, match="hidden must be a positive integer"):
         SE3Velocity(hidden=0)
+
+
+# --- EGNNVelocity(chiral=True): the same cross-product term on a molecular graph ---------------
+
+Z = [6, 6, 8, 1, 1, 1, 1, 1, 1]                      # ethanol, heavy atoms first
+BONDS = [[0, 1], [1, 2], [0, 3], [0, 4], [0, 5], [1, 6], [1, 7], [2, 8]]
+
+
+@pytest.mark.parametrize("proper", [True, False])
+def test_chiral_egnn_is_equivariant_under_proper_rotations_only(proper):
+    from tiltflow.models import EGNNVelocity
+    torch.manual_seed(0)
+    net = EGNNVelocity(Z, BONDS, hidden=16, layers=3, chiral=True).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 9, 3, generator=g, dtype=torch.float64)
+    x = (x - x.mean(1, keepdim=True)).reshape(4, 27)
+    R = _orthogonal(2, proper, torch.float64)
+    v = net(x, T.double()).reshape(4, 9, 3)
+    w = net((x.reshape(4, 9, 3) @ R.T).reshape(4, 27), T.double()).reshape(4, 9, 3)
+    gap = (w - v @ R.T).abs().max()
+    assert (gap < 1e-10) if proper else (gap > 1e-3), gap        # float64: rounding only
+
+
+def test_chiral_egnn_config_round_trips_and_old_configs_stay_e3(tmp_path):
+    from tiltflow.models import EGNNVelocity
+    chiral = FlowModel(EGNNVelocity(Z, BONDS, hidden=8, layers=2, chiral=True), "rectified", (27,))
+    loaded = FlowModel.load(chiral.save(tmp_path / "c.safetensors"))
+    assert loaded.net.chiral and loaded.net.config()["chiral"] is True
+    x = torch.randn(2, 27, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(loaded.velocity(x, 0.4), chiral.velocity(x, 0.4), rtol=0, atol=0)
+    # a checkpoint written before the option has no "chiral" key and must keep loading as E(3)
+    assert "chiral" not in EGNNVelocity(Z, BONDS, hidden=8, layers=2).config()
+    with pytest.raises(ValueError, match="chiral=True needs 3-D"):
+        EGNNVelocity.particles(4, spatial_dim=2, chiral=True)

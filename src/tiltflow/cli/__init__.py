@@ -1,4 +1,4 @@
-"""The `tiltflow` command: pretrain | finetune | gft | fdc | sample-energy | sample | evaluate | demo | molecules | digits.
+"""The `tiltflow` command: pretrain | finetune | gft | fdc | sample-energy | sample | evaluate | demo | molecules | design | digits.
 
 Each training command writes a run folder (config.json, log.jsonl, metrics.json,
 model.safetensors, checkpoints/, plots), can be resumed with --resume and reports its training
@@ -10,7 +10,7 @@ User errors (a missing run folder or model file, an unknown name, an invalid set
 line and exit with code 2. Under torchrun every rank trains and only rank 0 writes files.
 
 One module per command (pretrain.py, finetune.py, gft.py, fdc.py, sample.py for sample and
-evaluate, sample_energy.py, demo.py, digits.py, molecules.py); evaluation.py holds the 2-D
+evaluate, sample_energy.py, demo.py, digits.py, molecules.py, design.py); evaluation.py holds the 2-D
 evaluation and the closed-form tilt, runs.py the run-folder helpers.
 """
 
@@ -23,7 +23,7 @@ import warnings
 import torch
 
 from .. import distributed
-from . import demo, digits, fdc, finetune, gft, molecules, pretrain, sample, sample_energy
+from . import demo, design, digits, fdc, finetune, gft, molecules, pretrain, sample, sample_energy
 from .demo import FAST, DemoConfig, cmd_demo
 from .digits import DIGITS_OBJECTIVES, DigitsConfig, cmd_digits
 from .evaluation import EvalConfig, exact_tilt, exact_tilt_kl
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample_energy.add_parser(sub)
     demo.add_parser(sub)
     molecules.add_parser(sub)
+    design.add_parser(sub)
     digits.add_parser(sub)
     return p
 

@@ -94,7 +94,9 @@ def cmd_molecules(args) -> int:
     written = []
     for name, model in (("base", base), (label, ft)):
         x = model.sample(cfg.n_samples, steps=cfg.sample_steps, seed=seed).cpu()
-        models[name] = task.evaluate(x)
+        drawn = float(task.handedness(x).double().mean()) if task.graph.chiral else None
+        x = task.mirror_to_reference(x)     # a chiral molecule's wrong-handed draws, mirrored
+        models[name] = {**task.evaluate(x), "handedness_share_drawn": drawn}
         written.append(task.write_sdf(x, out / f"{name}.sdf").name)
     ckpt.write_json(out / "summary.json", {"config": config_dict(cfg), "molecule": task.name,
                                            "atoms": task.n_atoms, "models": models, "timings": timings})

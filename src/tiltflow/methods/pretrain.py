@@ -273,8 +273,8 @@ def _minibatch(data: _Data, cfg: PretrainConfig, n: int, gen: torch.Generator, d
 
 def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = None, network="mlp",
              hidden=None, path=None, cond=None, out=None, resume: bool = False, progress: bool = True,
-             callback: Callable | None = None, report_to: str = "none", steps: int | None = None, model=None,
-             **kwargs) -> FlowModel:
+             callback: Callable | None = None, report_to: str = "none", n_eval: int = N_EVAL,
+             steps: int | None = None, model=None, **kwargs) -> FlowModel:
     """Train a FlowModel on `data` by conditional flow matching.
 
     data: a tensor (n, d) (minibatches drawn with replacement), an object with
@@ -296,6 +296,8 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
       resume=True continues from its newest valid checkpoint (iters may be raised to train longer).
     report_to: "none", "tensorboard" or "wandb" (the log.jsonl records, rank 0).
+    n_eval: model samples (and data rows) of the energy distance in metrics.json (0: none; it costs
+      n_eval ODE samples of 50 steps, much for a large network).
     callback(iter, record) after each logged record (every 50 iterations and the last).
     batch_size is the global batch; grad_accum splits each process's share into micro-batches.
     An iteration with a NaN or inf loss or gradient is skipped (no weight changes; counted as
@@ -308,6 +310,7 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
     """
     if model is not None:
         network = val.renamed("model", "network", model, network, "mlp", "pretrain")
+    val.positive_int(n_eval, "n_eval", minimum=0)
     if config is not None and not isinstance(config, PretrainConfig):
         raise ValueError(f"config must be a PretrainConfig, got {type(config).__name__}")
     unknown = set(kwargs) - set(PretrainConfig.__dataclass_fields__) - {"hidden", "path", "iters", "steps"}
@@ -371,7 +374,8 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
     if out is not None and dist.is_main():
         avg.save(Path(out) / "model.safetensors")
         metrics = {"iters": cfg.iters, "final_loss": last.get("loss"),
-                   "train_time_s": time.perf_counter() - t_start, **_evaluate(avg, source, cfg)}
+                   "train_time_s": time.perf_counter() - t_start,
+                   **(_evaluate(avg, source, cfg, n_eval) if n_eval else {})}
         ckpt.write_json(Path(out) / "metrics.json", metrics)
         if trainer.progress:
             get_logger("pretrain").info("tiltflow pretrain: " + json.dumps(metrics))
@@ -379,14 +383,14 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
 
 
 @torch.no_grad()
-def _evaluate(model: FlowModel, source: _Data, cfg: PretrainConfig) -> dict:
-    """Energy distance of N_EVAL model samples (ODE, Heun) to N_EVAL data rows.
+def _evaluate(model: FlowModel, source: _Data, cfg: PretrainConfig, n_eval: int = N_EVAL) -> dict:
+    """Energy distance of n_eval model samples (ODE, Heun) to n_eval data rows.
 
     For a sampler the reference is fresh data, and a second fresh batch gives the noise floor of
     the estimate; for a tensor it is distinct training rows (at most n).
     """
     gen = torch.Generator().manual_seed(cfg.seed + 1)   # not the training stream
-    ref, c = source.reference(N_EVAL, gen)
+    ref, c = source.reference(n_eval, gen)
     n = ref.shape[0]
     if n < 2:
         return {}
@@ -397,7 +401,7 @@ def _evaluate(model: FlowModel, source: _Data, cfg: PretrainConfig) -> dict:
     out = {"energy_distance": energy_distance(x.cpu(), ref.cpu()), "energy_distance_n": n}
     if source.tensor is None:
         out["energy_distance_reference"] = "fresh data samples"
-        out["energy_distance_noise_floor"] = energy_distance(source.reference(N_EVAL, gen)[0], ref)
+        out["energy_distance_noise_floor"] = energy_distance(source.reference(n_eval, gen)[0], ref)
     else:
         out["energy_distance_reference"] = "training rows"
     return out

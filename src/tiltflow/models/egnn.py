@@ -20,6 +20,8 @@ handedness however long it trains. `chiral=True` (3-D only) adds to each layer's
 the cross-product term Σ_j φ_c(m_ij) (x̄_i × x̄_j) of the centred coordinates x̄; since
 (Qa) × (Qb) = det(Q) Q (a × b), the term is a pseudo-vector: the velocity stays equivariant under
 proper rotations and translations but not under reflections (SE(3), not E(3)).
+A chiral network can represent a one-handed distribution; learning it is slow (L-alanine, 32 × 3
+network, batch 64: 54 % of samples with the right handedness after 1500 iterations, 66 % after 4000).
 """
 
 from __future__ import annotations

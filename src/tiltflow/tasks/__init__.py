@@ -1,3 +1,3 @@
-"""Ready-made tasks: base data, rewards and metrics (toy2d, energies, molecules, digits)."""
+"""Ready-made tasks: base data, rewards and metrics (toy2d, energies, molecules and de novo design, digits)."""
 
-from . import digits, molecules
+from . import design, design_rewards, digits, energies, molecules, toy2d

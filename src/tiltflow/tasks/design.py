@@ -143,7 +143,7 @@ def _bonded(z, pos):
     mol = Chem.Mol(conn)
     try:
         rdDetermineBonds.DetermineBondOrders(mol, charge=0, maxIterations=_BOND_ORDER_ITERS)
-    except (ValueError, RuntimeError):
+    except Exception:   # RDKit raises several types here (valence, MaxFindBondOrdersItersExceeded)
         return None, conn
     return mol, conn
 
@@ -543,3 +543,35 @@ def draw(mols, path, n: int = 12, per_row: int = 4) -> Path | None:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(str(path))
     return path
+
+
+# --- the generative model --------------------------------------------------------------------
+
+def network(hidden: int = 64, layers: int = 4):
+    """The velocity network of the design task: SE3Velocity over N_MAX nodes and K type channels
+    (coordinates SE(3)- but not reflection-equivariant, so chirality can be learned)."""
+    from ..models.se3 import SE3Velocity
+    return SE3Velocity(n_nodes=N_MAX, n_types=K, hidden=hidden, layers=layers)
+
+
+def pretrain(iters: int = 3000, *, data: DesignData | None = None, hidden: int = 64, layers: int = 4,
+             batch_size: int = 64, lr: float = 1e-3, lr_warmup: int = 100, seed: int = 0, **kwargs):
+    """A base FlowModel of molecules: conditional flow matching of `network(hidden, layers)` on
+    data.train (default: load_dataset()), by tilt.pretrain. kwargs: other pretrain options (out,
+    resume, progress, report_to, ema, device, ...). Returns the EMA model; its samples are states
+    (n, N_MAX, 3 + K) for decode / evaluate / to_sdf. The run's metrics.json holds no energy
+    distance (n_eval=0: in this space it says little, and evaluate() says more)."""
+    from ..methods.pretrain import pretrain as flow_matching
+    data = load_dataset() if data is None else data
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = network(hidden, layers)
+    return flow_matching(data.train, iters, network=net, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup,
+                         seed=seed, **{"n_eval": 0, **kwargs})
+
+
+@torch.no_grad()
+def sample(model, n: int, steps: int = 50, seed: int = 0, sde: bool = False) -> torch.Tensor:
+    """n states (n, N_MAX, 3 + K) from `model` (ODE by Heun, or the memoryless SDE), on the CPU."""
+    x = model.sample(positive_int(n, "n"), steps=steps, seed=seed, sde=sde)
+    return x.reshape(n, N_MAX, 3 + K).float().cpu()

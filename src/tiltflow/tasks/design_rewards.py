@@ -14,6 +14,7 @@ fine-tuning solvers need, with its held-out error reported next to it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from torch import nn
 from ..training import Trainer, cosine
 from ..validation import finite, non_negative, one_of, positive, positive_int
 from .design import K, N_MAX, TYPE_SCALE, TYPES
-from .molecules import _MMFFEnergy, _rdkit
+from .molecules import _cache_dir, _MMFFEnergy, _rdkit
 
 __all__ = [
     "INVALID_ENERGY",
@@ -35,6 +36,7 @@ __all__ = [
     "EnergyReward",
     "PropertyPredictor",
     "PropertyReward",
+    "cached_predictor",
     "fit_predictor",
     "load_predictor",
     "property_labels",
@@ -72,24 +74,26 @@ class PropertyPredictor(nn.Module):
 
     Continuous-filter message passing (SchNet) over all N_MAX nodes, absent ones included (their
     "none" channel tells the network), fully connected: node features start from the type
-    channels; layer l adds m_i = Σ_{j≠i} W_l·rbf(d_ij) ⊙ V_l h_j, with rbf Gaussians of the
-    distance d_ij on [0, cutoff] Å, through a residual MLP. Only distances and types enter, so
-    the output is invariant to rotations, reflections, translations and node permutations.
+    channels; layer l adds m_i = Σ_{j≠i} W_l·rbf(d_ij) ⊙ V_l h_j (a filter linear in rbf, n_rbf
+    Gaussians of the distance d_ij on [0, cutoff] Å) through a residual MLP. Only distances and
+    types enter, so the output is invariant to rotations, reflections, translations and node
+    permutations.
 
     readout "sum": y = mean + std · Σ_i f(h_i), for additive properties (Crippen logP is a sum of
     atom contributions). readout "dipole": learned partial charges q_i = f(h_i) − mean_j f(h_j)
-    (neutral, so translation invariant) and y = |Σ_i q_i x_i|, the form of the Gasteiger dipole.
+    (neutral, so translation invariant) and y = std · |Σ_i q_i x_i|, the form of the Gasteiger
+    dipole.
     `mean`, `std`: the training labels' statistics (buffers, saved with the weights).
     """
 
-    def __init__(self, hidden: int = 64, layers: int = 4, n_rbf: int = 32, cutoff: float = 10.0,
+    def __init__(self, hidden: int = 64, layers: int = 4, n_rbf: int = 24, cutoff: float = 10.0,
                  readout: str = "dipole", property: str = "dipole"):
         super().__init__()
         self.hidden, self.layers = positive_int(hidden, "hidden"), positive_int(layers, "layers")
         self.n_rbf, self.cutoff = positive_int(n_rbf, "n_rbf", 2), positive(cutoff, "cutoff")
         self.readout, self.property = one_of(readout, "readout", READOUTS), str(property)
         self.embed = nn.Linear(K, hidden)
-        self.filters = nn.ModuleList(nn.Linear(n_rbf, hidden) for _ in range(layers))
+        self.filters = nn.ModuleList(nn.Linear(n_rbf, hidden, bias=False) for _ in range(layers))
         self.values = nn.ModuleList(nn.Linear(hidden, hidden, bias=False) for _ in range(layers))
         self.updates = nn.ModuleList(
             nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden)) for _ in range(layers))
@@ -113,9 +117,13 @@ class PropertyPredictor(nn.Module):
         rbf = torch.exp(-self.gamma * (d[..., None] - self.centres).pow(2))    # (batch, N, N, n_rbf)
         off_diag = 1.0 - torch.eye(N_MAX, dtype=x.dtype, device=x.device)
         rbf = rbf * off_diag[:, :, None]
+        # m_ih = Σ_j (Σ_k rbf_ijk W_hk) v_jh = Σ_k W_hk (Σ_j rbf_ijk v_jh): contracting j first is one
+        # bmm per layer and never builds the (batch, N, N, hidden) filter tensor
+        rbf_t = rbf.transpose(2, 3).reshape(x.shape[0], N_MAX * self.n_rbf, N_MAX)
         h = self.embed(types)
         for filt, value, update in zip(self.filters, self.values, self.updates):
-            m = torch.einsum("bijh,bjh->bih", filt(rbf), value(h)) / math.sqrt(N_MAX)
+            t = torch.bmm(rbf_t, value(h)).view(x.shape[0], N_MAX, self.n_rbf, self.hidden)
+            m = (t * filt.weight.T).sum(2) / math.sqrt(N_MAX)
             h = h + update(torch.cat([h, m], dim=-1))
         f = self.head(h)[..., 0]                                               # (batch, N)
         if self.readout == "sum":
@@ -183,7 +191,7 @@ def _fit_report(predictor, x, y) -> dict:
 
 
 def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, *, readout: str = "dipole",
-                  property: str = "custom", iters: int = 3000, seed: int = 0, batch_size: int = 64,
+                  property: str = "custom", iters: int = 2000, seed: int = 0, batch_size: int = 64,
                   lr: float = 2e-3, hidden: int = 64, layers: int = 4, coord_noise: float = 0.05,
                   type_noise: float = 0.2, progress: bool = False) -> tuple[PropertyPredictor, dict]:
     """Train a PropertyPredictor by mean squared error on (x_train, y_train); report on the test set.
@@ -214,6 +222,8 @@ def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, 
     predictor = PropertyPredictor(hidden, layers, readout=readout, property=property)
     y = torch.as_tensor(y_train, dtype=torch.float32)
     std = float(y.std())
+    if not std > 0:
+        raise ValueError(f"y_train must vary to be learned, got {len(y)} labels all equal to {float(y[0])}")
     predictor.std.fill_(std)
     if readout == "sum":
         predictor.mean.fill_(float(y.mean()))
@@ -227,7 +237,7 @@ def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, 
         xb = xb + noise * torch.tensor([coord_noise] * 3 + [type_noise] * K)
         loss = ((predictor(xb) - y[idx]) / std).pow(2).mean()     # MSE in units of the label std
         loss.backward()
-        return {"loss": float(loss)}, {}
+        return {"loss": float(loss.detach())}, {}
 
     trainer = Trainer("predictor", params=predictor.parameters(), opt=opt, modules={"predictor": predictor},
                       gens={0: gen}, iters=iters, config={"iters": iters}, lr_at=cosine(lr, lr / 100, iters),
@@ -245,7 +255,7 @@ def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, 
     return predictor, report
 
 
-def train_predictor(data, property: str = "dipole", iters: int = 3000, seed: int = 0,
+def train_predictor(data, property: str = "dipole", iters: int = 2000, seed: int = 0,
                     **kwargs) -> tuple[PropertyPredictor, dict]:
     """Train a predictor of an RDKit property on design data; report its held-out error.
 
@@ -259,6 +269,33 @@ def train_predictor(data, property: str = "dipole", iters: int = 3000, seed: int
     readout = "dipole" if property == "dipole" else "sum"
     return fit_predictor(data.train, y_train, data.test, y_test, readout=readout, property=property,
                          iters=iters, seed=seed, **kwargs)
+
+
+def cached_predictor(property: str = "dipole", data=None, iters: int = 2000, seed: int = 0, *, cache_dir=None,
+                     use_cache: bool = True) -> tuple[PropertyPredictor, dict]:
+    """The predictor of `property` trained on the design data: loaded from the cache, or trained
+    once by train_predictor and saved there. Returns (predictor, report).
+
+    data: design.DesignData (default load_dataset(cache_dir)). The file is
+    `design-predictor-<property>-<key>.safetensors` beside the data (`cache_dir`, default
+    $TILTFLOW_CACHE/molecules or ~/.cache/tiltflow/molecules), keyed by the data's recipe,
+    property, iters, seed and this module's FORMAT.
+    """
+    one_of(property, "property", PROPERTIES)
+    if data is None:
+        from .design import load_dataset
+        data = load_dataset(cache_dir)
+    recipe = {k: v for k, v in data.recipe.items() if k != "build_seconds"}   # timing is not content
+    key = hashlib.sha256(f"{FORMAT}|{property}|{iters}|{seed}|{json.dumps(recipe, sort_keys=True)}"
+                         .encode()).hexdigest()[:16]
+    path = _cache_dir(cache_dir) / f"design-predictor-{property}-{key}.safetensors"
+    if use_cache and path.is_file():
+        predictor = load_predictor(path)
+        return predictor, predictor.report
+    predictor, report = train_predictor(data, property, iters=iters, seed=seed)
+    if use_cache:
+        save_predictor(predictor, path, report)
+    return predictor, report
 
 
 # --- rewards ----------------------------------------------------------------------------------

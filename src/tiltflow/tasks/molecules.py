@@ -22,7 +22,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import validation
+
 CACHE_VERSION = 1     # bump when the generation recipe changes, so old caches are not reused
+# Validity tolerances for angles and planarity: a margin times the largest deviation the relaxed
+# reference ensemble shows, but never below a floor, since MMFF minima of rigid groups deviate by
+# almost nothing (a planar ring: ~1e-3 Å) and a tolerance of a few times that rejects any sample.
+TOL_MARGIN = 2.0
+ANGLE_FLOOR_DEG = 10.0
+PLANAR_FLOOR = 0.1    # Å, largest distance of a group's atom from its best-fit plane
+MAX_AUTOMORPHISMS = 1000   # symmetry-aware RMSD minimises over at most this many atom permutations
 
 
 def _rdkit():
@@ -343,6 +352,15 @@ class ConformerTask:
         pt = Chem.GetPeriodicTable()
         rvdw = torch.tensor([pt.GetRvdw(z) for z in self.graph.atomic_numbers.tolist()], dtype=torch.float64)
         self._clash_vdw = rvdw[self._clash_pairs[0]] + rvdw[self._clash_pairs[1]]
+        # bond angles and planar groups, with the largest deviation from the mean the data shows
+        self._angles = _angle_triples(self.mol)                                     # (n_angles, 3)
+        ang = _bond_angles(c, self._angles)                                         # (n, n_angles) rad
+        self.ref_angles = ang.mean(0)
+        self._angle_dev = (ang - self.ref_angles).abs().amax(0)
+        self._planar = _planar_groups(self.mol)                                     # [(kind, atoms)]
+        self._planar_dev = torch.stack([_plane_deviation(c, g) for _, g in self._planar], 1).amax(0) \
+            if self._planar else torch.zeros(0, dtype=torch.float64)
+        self._automorphisms = {}
         self._mmff = None
 
     # --- data ------------------------------------------------------------------------------
@@ -417,57 +435,147 @@ class ConformerTask:
         bonds = torch.tensor(bonds, dtype=torch.long).reshape(-1, 4)
         return centres, bonds, _chirality(c[None], centres)[0], _cis(c[None], bonds)[0]
 
-    def check(self, x, bond_tol: float = 0.15, clash_scale: float = 0.7) -> dict:
+    def check(self, x, bond_tol: float = 0.15, clash_scale: float = 0.7, margin: float = TOL_MARGIN,
+              angle_floor: float = ANGLE_FLOOR_DEG, planar_floor: float = PLANAR_FLOOR) -> dict:
         """Per-sample quality flags, each (batch,) bool.
 
         bonds: every bond length within a relative `bond_tol` of its mean in the relaxed data;
+        angles: every bond angle i–j–k within max(margin · δ, angle_floor degrees) of its data
+        mean, δ its largest deviation from that mean in the data; planarity: every sp2 centre with
+        its three neighbours, aromatic ring and amide group (O=C–N with both ends' substituents) no
+        farther than max(margin · δ, planar_floor Å) from its best-fit plane, δ as for angles;
         clashes: no pair of atoms three or more bonds apart closer than `clash_scale` times the
         sum of their van der Waals radii; stereo: every specified tetrahedral centre and E/Z
-        double bond has the handedness of the reference conformer; valid: all three.
+        double bond has the handedness of the reference conformer; valid: all five.
         """
         if not 0 < bond_tol < 1:
             raise ValueError(f"bond_tol must be in (0, 1), got {bond_tol!r}")
         if not 0 < clash_scale:
             raise ValueError(f"clash_scale must be positive, got {clash_scale!r}")
+        validation.in_interval(margin, "margin", 1.0, math.inf, lo_open=False, hi_open=True)
+        validation.non_negative(angle_floor, "angle_floor")
+        validation.non_negative(planar_floor, "planar_floor")
         c = self._coords(x)
         i, j = self.graph.bonds[:, 0], self.graph.bonds[:, 1]
         dev = ((c[:, i] - c[:, j]).norm(dim=-1) / self.ref_bond_lengths - 1).abs()
         bonds_ok = (dev <= bond_tol).all(dim=1)
+        angle_tol = (margin * self._angle_dev).clamp_min(math.radians(angle_floor))
+        angles_ok = ((_bond_angles(c, self._angles) - self.ref_angles).abs() <= angle_tol).all(dim=1)
+        planar_ok = torch.ones(c.shape[0], dtype=torch.bool)
+        for (_, g), d in zip(self._planar, self._planar_dev.tolist()):
+            planar_ok &= _plane_deviation(c, g) <= max(margin * d, planar_floor)
         p, q = self._clash_pairs
         clash_ok = ((c[:, p] - c[:, q]).norm(dim=-1) >= clash_scale * self._clash_vdw).all(dim=1)
         centres, dbonds, chi_ref, cis_ref = self._stereo
         stereo_ok = (_chirality(c, centres) == chi_ref).all(dim=1) & (_cis(c, dbonds) == cis_ref).all(dim=1)
-        return {"bonds": bonds_ok, "clashes": clash_ok, "stereo": stereo_ok,
-                "valid": bonds_ok & clash_ok & stereo_ok}
+        return {"bonds": bonds_ok, "angles": angles_ok, "planarity": planar_ok, "clashes": clash_ok,
+                "stereo": stereo_ok, "valid": bonds_ok & angles_ok & planar_ok & clash_ok & stereo_ok}
 
     def validity(self, x, **kwargs) -> torch.Tensor:
-        """(batch,) bool: bonds, clashes and stereo all pass (see `check` for the criteria)."""
+        """(batch,) bool: bonds, angles, planarity, clashes and stereo all pass (see `check`)."""
         return self.check(x, **kwargs)["valid"]
 
-    def pairwise_rmsd(self, x, heavy_only: bool = False) -> torch.Tensor:
-        """(batch, batch) RMSD in Å after Kabsch alignment (atoms matched by index, no symmetry)."""
-        c = self._coords(x)
-        if heavy_only:
-            c = c[:, self.graph.atomic_numbers > 1]
-        b = c.shape[0]
-        iu = torch.triu_indices(b, b, offset=1)
-        out = torch.zeros(b, b, dtype=torch.float64)
-        r = kabsch_rmsd(c[iu[0]], c[iu[1]])
-        out[iu[0], iu[1]] = r
-        out[iu[1], iu[0]] = r
-        return out
+    def handedness(self, x) -> torch.Tensor:
+        """(batch,) bool: every specified tetrahedral centre has the reference conformer's handedness
+        (the sign of the signed volume of its first three neighbours); all True without centres."""
+        centres, _, chi_ref, _ = self._stereo
+        return (_chirality(self._coords(x), centres) == chi_ref).all(dim=1)
 
-    def diversity(self, x, heavy_only: bool = False) -> float:
-        """Mean pairwise Kabsch RMSD in Å over distinct pairs of samples (needs batch ≥ 2)."""
+    def mirror_to_reference(self, x) -> torch.Tensor:
+        """x with every sample that is the reference's enantiomer (all specified centres inverted)
+        replaced by its mirror image −x, the same conformer of the reference's handedness.
+
+        Why it is sound: the prior, the MMFF94 energy and an E(3)-equivariant flow are all mirror
+        symmetric, so under the learned density q an enantiomer and its mirror image are equally
+        likely (q(−x) = q(x)); drawing from q and mirroring the wrong-handed draws samples q
+        restricted to the reference's handedness (renormalised), which is the data's law when q
+        fits it up to reflection. Samples with only some centres inverted (a diastereomer) are
+        left as they are. x: (batch, atoms * 3) mean-free -> the same shape.
+        """
+        centres, _, chi_ref, _ = self._stereo
+        c = self._coords(x)
+        if centres.shape[0] == 0:
+            return x
+        chi = _chirality(c, centres)
+        flip = (chi != chi_ref.to(chi.device)).all(dim=1)
+        return torch.where(flip.reshape(-1, *[1] * (x.ndim - 1)).to(x.device), -x, x)
+
+    # --- RMSD, diversity, coverage -----------------------------------------------------------
+    def automorphisms(self, heavy_only: bool = False) -> torch.Tensor:
+        """(A, m) atom permutations p that map the molecular graph onto itself (element and bond
+        type kept; identity first), over the m heavy atoms (heavy_only, in index order) or all
+        atoms; at most MAX_AUTOMORPHISMS of them."""
+        if heavy_only not in self._automorphisms:
+            from rdkit import Chem
+            m = Chem.RWMol(self.mol)
+            if heavy_only:      # removing from the end keeps the heavy atoms in index order
+                for a in sorted((a.GetIdx() for a in m.GetAtoms() if a.GetAtomicNum() == 1), reverse=True):
+                    m.RemoveAtom(a)
+            m = m.GetMol()
+            matches = m.GetSubstructMatches(m, uniquify=False, useChirality=False, maxMatches=MAX_AUTOMORPHISMS)
+            ident = tuple(range(m.GetNumAtoms()))
+            perms = [ident] + [p for p in matches if p != ident]
+            self._automorphisms[heavy_only] = torch.tensor(perms[:MAX_AUTOMORPHISMS], dtype=torch.long)
+        return self._automorphisms[heavy_only]
+
+    def rmsd(self, x, y=None, heavy_only: bool = False, symmetry: bool = True) -> torch.Tensor:
+        """(batch_x, batch_y) RMSD in Å after optimal proper rotation and translation (Kabsch),
+        minimised over the molecule's automorphisms (symmetry=True: equivalent atoms, e.g. the
+        hydrogens of a methyl group, may swap; symmetry=False matches atoms by index).
+        x: (batch_x, atoms * 3); y: (batch_y, atoms * 3), default x. heavy_only: hydrogens left out.
+        A mirror image is not superimposed on its enantiomer."""
+        cx = self._coords(x)
+        cy = cx if y is None else self._coords(y)
+        if heavy_only:
+            heavy = self.graph.atomic_numbers > 1
+            cx, cy = cx[:, heavy], cy[:, heavy]
+        perms = self.automorphisms(heavy_only) if symmetry else torch.arange(cx.shape[1])[None]
+        bx, by, a = cx.shape[0], cy.shape[0], perms.shape[0]
+        ii, jj = torch.meshgrid(torch.arange(bx), torch.arange(by), indexing="ij")
+        ii, jj = ii.flatten(), jj.flatten()
+        out = torch.empty(bx * by, dtype=torch.float64)
+        chunk = max(1, 2_000_000 // (a * cx.shape[1]))      # pairs per batch: bounded memory
+        for s in range(0, len(ii), chunk):
+            u, w = cx[ii[s:s + chunk]][:, None], cy[jj[s:s + chunk]][:, perms]      # (P, 1|A, m, 3)
+            out[s:s + chunk] = kabsch_rmsd(u.expand_as(w), w).amin(dim=1)
+        return out.reshape(bx, by)
+
+    def pairwise_rmsd(self, x, heavy_only: bool = False, symmetry: bool = True) -> torch.Tensor:
+        """(batch, batch) RMSD in Å between samples, zero diagonal (see `rmsd`)."""
+        out = self.rmsd(x, None, heavy_only, symmetry)
+        out.fill_diagonal_(0.0)
+        return torch.minimum(out, out.T)     # equal up to SVD rounding; exactly symmetric
+
+    def diversity(self, x, heavy_only: bool = False, symmetry: bool = True) -> float:
+        """Mean pairwise RMSD in Å over distinct pairs of samples (needs batch ≥ 2; see `rmsd`)."""
         c = self._coords(x)
         if c.shape[0] < 2:
             raise ValueError(f"diversity needs at least 2 samples, got {c.shape[0]}")
-        m = self.pairwise_rmsd(c, heavy_only)
+        m = self.pairwise_rmsd(c, heavy_only, symmetry)
         b = c.shape[0]
         return float(m.sum() / (b * (b - 1)))
 
+    def cov_mat(self, x, delta: float = 0.5, reference=None, heavy_only: bool = True) -> dict:
+        """Coverage and matching of samples x against a reference ensemble (as GeoDiff, Xu et al.
+        2022, and torsional diffusion, Jing et al. 2022, report them), by symmetry-aware RMSD D (`rmsd`):
+
+            COV-R = |{r : min_g D(g, r) ≤ δ}| / |S_r|,   MAT-R = mean_r min_g D(g, r)   (recall)
+            COV-P = |{g : min_r D(g, r) ≤ δ}| / |S_g|,   MAT-P = mean_g min_r D(g, r)   (precision)
+
+        x: (batch, atoms * 3); reference: (n_ref, atoms * 3), default the task's data; delta: δ in Å
+        (0.5 Å heavy-atom RMSD as for GEOM-QM9). Returns floats cov_r, mat_r, cov_p, mat_p.
+        """
+        validation.positive(delta, "delta")
+        ref = torch.as_tensor(self.coords) if reference is None else reference
+        d = self.rmsd(x, ref, heavy_only=heavy_only)                       # (batch, n_ref)
+        best_r, best_g = d.amin(0), d.amin(1)
+        return {"cov_r": float((best_r <= delta).double().mean()), "mat_r": float(best_r.mean()),
+                "cov_p": float((best_g <= delta).double().mean()), "mat_p": float(best_g.mean())}
+
     def evaluate(self, x) -> dict:
-        """Energy quantiles, left/right CVaR of −E at 5/10/20 %, validity rates and diversity.
+        """Energy quantiles, left/right CVaR of −E at 5/10/20 %, validity rates (`check`), the share
+        with the reference handedness (None without stereocentres), symmetry-aware RMSD diversity
+        and COV/MAT against the data (heavy atoms, δ = 0.5 Å; `cov_mat`).
 
         Samples with NaN or inf coordinates are counted in `n_nonfinite` and count as invalid;
         the other statistics are over the finite samples.
@@ -488,7 +596,9 @@ class ConformerTask:
             out[f"reward_cvar_left_{b}"] = float(r[:k].mean())
             out[f"reward_cvar_right_{b}"] = float(r[-k:].mean())
         out.update({f"rate_{k}": float(v) for k, v in flags.items()})
+        out["handedness_share"] = float(self.handedness(c).double().mean()) if self.graph.chiral else None
         out["diversity_rmsd"] = self.diversity(c) if len(e) > 1 else float("nan")
+        out.update(self.cov_mat(c))
         return out
 
     # --- RDKit exchange --------------------------------------------------------------------
@@ -545,6 +655,49 @@ def _with_conformer(mol, coords):
         conf.SetAtomPosition(a, Point3D(*p))
     m.AddConformer(conf, assignId=True)
     return m
+
+
+def _angle_triples(mol) -> torch.Tensor:
+    """(n_angles, 3) atom indices i, j, k of every bond angle i–j–k (i < k both bonded to j)."""
+    triples = [(nb[a], atom.GetIdx(), nb[b]) for atom in mol.GetAtoms()
+               for nb in [sorted(n.GetIdx() for n in atom.GetNeighbors())]
+               for a in range(len(nb)) for b in range(a + 1, len(nb))]
+    return torch.tensor(triples, dtype=torch.long).reshape(-1, 3)
+
+
+def _bond_angles(c: torch.Tensor, triples: torch.Tensor) -> torch.Tensor:
+    """Angles θ_ijk = atan2(|u × v|, u·v), u = x_i − x_j, v = x_k − x_j: (batch, n_angles) in radians."""
+    u = c[:, triples[:, 0]] - c[:, triples[:, 1]]
+    v = c[:, triples[:, 2]] - c[:, triples[:, 1]]
+    return torch.atan2(torch.linalg.cross(u, v).norm(dim=-1), (u * v).sum(-1))
+
+
+def _planar_groups(mol) -> list:
+    """Atom groups that lie in one plane: [(kind, (m,) indices)] for each sp2 atom with three
+    neighbours ("sp2": the atom and its neighbours), each aromatic ring ("aromatic") and each
+    amide C(=O)–N ("amide": O, C, N and the other substituents of C and N)."""
+    from rdkit import Chem
+    groups = []
+    for a in mol.GetAtoms():
+        if a.GetHybridization() == Chem.HybridizationType.SP2 and a.GetDegree() == 3:
+            groups.append(("sp2", [a.GetIdx(), *(n.GetIdx() for n in a.GetNeighbors())]))
+    for ring in mol.GetRingInfo().AtomRings():
+        if all(mol.GetAtomWithIdx(k).GetIsAromatic() for k in ring):
+            groups.append(("aromatic", list(ring)))
+    for _, c, n in mol.GetSubstructMatches(Chem.MolFromSmarts("[OX1]=[CX3]-[NX3]")):
+        atoms = {c, n} | {x.GetIdx() for k in (c, n) for x in mol.GetAtomWithIdx(k).GetNeighbors()}
+        groups.append(("amide", sorted(atoms)))
+    return [(kind, torch.tensor(g, dtype=torch.long)) for kind, g in groups]
+
+
+def _plane_deviation(c: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Largest distance in Å of the group's atoms from their least-squares plane: (batch,).
+
+    The plane's normal is the eigenvector of the smallest eigenvalue of the group's covariance."""
+    p = c[:, group]
+    p = p - p.mean(dim=1, keepdim=True)
+    normal = torch.linalg.eigh(p.transpose(1, 2) @ p).eigenvectors[..., 0]          # (batch, 3)
+    return (p @ normal[..., None]).abs().amax(dim=(1, 2))
 
 
 def _chirality(c: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
@@ -613,3 +766,8 @@ def conformers(smiles_or_path, n: int = 256, seed: int = 0, *, max_iters: int = 
             np.savez(f, coords=coords, energies=energies, mol_json=np.array(mol_json), name=np.array(name))
         os.replace(tmp, path)
     return ConformerTask(mol, coords, energies, name)
+
+
+# tilt.tasks.molecules.design: de novo molecules (types and coordinates), the same module as
+# tilt.tasks.design; imported last because it builds on this module's RDKit helpers
+from . import design  # noqa: E402
