@@ -45,7 +45,7 @@ PREDICTOR = RESULTS / "design_dipole.safetensors"
 
 PRETRAIN = dict(iters=3000, hidden=64, layers=4, batch_size=64, lr=1e-3, lr_warmup=100, seed=0)
 FULL = dict(lams=(0.3, 0.1), levels=(0.2, 0.05), iters=20, batch_size=16, steps=10, n_loss_times=4, lr=2e-4,
-            n_offline=128, n_eval=128, eval_steps=20, fdc_outer=2, predictor_iters=2000)
+            n_offline=128, n_eval=256, eval_steps=20, fdc_outer=2, predictor_iters=2000)
 QUICK = dict(lams=(0.3, 0.1), levels=(0.2, 0.05), iters=2, batch_size=4, steps=4, n_loss_times=2, lr=2e-4,
              n_offline=16, n_eval=16, eval_steps=6, fdc_outer=1, predictor_iters=20)
 

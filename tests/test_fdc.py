@@ -450,3 +450,20 @@ def test_cost_of_a_reward_gradient_does_not_grow_with_k(density, monkeypatch):
         assert per_k == [1] + [2 * 10 + 1] * 3, per_k
     else:
         assert per_k == [1, 3, 4, 5], per_k
+
+
+def test_fdc_takes_its_config_objects():
+    # FDCConfig for the outer settings and a FinetuneConfig for the inner runs give the same
+    # iterate as the same settings as arguments; a setting given both ways differently is an error
+    from tiltflow.methods.fdc import FDCConfig
+    from tiltflow.methods.finetune import FinetuneConfig
+    base, r = gaussian_base(), Linear([1.0, 0.5])
+    kw = dict(iters=2, batch_size=16, steps=6, n_offline=16)
+    a = fdc(base, r, lam=2.0, iters_outer=1, n_eval=10, n_kl=0, progress=False, **kw)
+    b = fdc(base, r, config=FDCConfig(lam=2.0, iters_outer=1, n_eval=10, n_kl=0),
+            inner_config=FinetuneConfig(**kw), progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    with pytest.raises(ValueError, match="lam"):
+        fdc(base, r, lam=3.0, config=FDCConfig(lam=2.0), progress=False)
+    with pytest.raises(ValueError, match="iters_outer must be a positive integer"):
+        FDCConfig(iters_outer=0)

@@ -72,6 +72,24 @@ def fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
     return h.hexdigest()[:16]
 
 
+def read_metadata(path, fmt: str, what: str, noun: str = "") -> dict:
+    """The string metadata of a safetensors file written with metadata["format"] == fmt; ValueError
+    (naming `what`; `noun` names the missing file, default `what`) for a missing, unreadable or
+    foreign file. Reads no tensors, unpickles nothing."""
+    from safetensors import safe_open
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no {noun or what} file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as e:  # noqa: BLE001 — safetensors raises several types on bad files
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a tiltflow {what} (format {meta.get('format')!r})")
+    return meta
+
+
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 

@@ -64,6 +64,20 @@ def positive_int(v: Any, name: str, minimum: int = 1) -> int:
     return v
 
 
+def integer(v: Any, name: str) -> int:
+    """An int (any sign); bools and floats refused (e.g. a seed)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    return v
+
+
+def int_tuple(v: Any, name: str) -> tuple:
+    """A non-empty tuple (or list) of positive ints, as a tuple (e.g. hidden widths)."""
+    if isinstance(v, (list, tuple)) and v and all(not isinstance(h, bool) and isinstance(h, int) and h > 0 for h in v):
+        return tuple(v)
+    raise ValueError(f"{name} must be a non-empty sequence of positive integers, got {v!r}")
+
+
 def optional(check, v: Any, name: str, *args):
     """None, or v passed through `check`."""
     return None if v is None else check(v, name, *args)

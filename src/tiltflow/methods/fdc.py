@@ -54,7 +54,6 @@ from its newest checkpoint).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -69,6 +68,7 @@ from ..models.flow_model import FlowModel
 from ..tracking import REPORT_TO, Tracker, get_logger
 from ..utilities import as_utility, model_score
 from ..validation import one_of
+from .. import validation as val
 from .finetune import _OPTIONAL_KEYS, FinetuneConfig, _validate as _validate_inner, finetune
 
 __all__ = ["FDCConfig", "fdc"]
@@ -92,32 +92,22 @@ class FDCConfig:
     backtrack: int = 2            # halvings of γ tried when a step lowers F − λD by more than tol; 0: accept all
     tol: float = 0.02             # Monte Carlo slack of that test (the objective is estimated on n_kl samples)
 
+    def __post_init__(self):
+        _validate(self)
+
 
 def _validate(cfg: FDCConfig):
-    lam = cfg.lam
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam < math.inf:
-        raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
-    if isinstance(cfg.iters_outer, bool) or not isinstance(cfg.iters_outer, int) or cfg.iters_outer <= 0:
-        raise ValueError(f"iters_outer must be a positive integer, got {cfg.iters_outer!r}")
-    if cfg.step is not None and (isinstance(cfg.step, bool) or not isinstance(cfg.step, (int, float))
-                                 or not 0.0 < cfg.step < math.inf):
-        raise ValueError(f"step must be a positive finite number or None, got {cfg.step!r}")
+    val.non_negative(cfg.lam, "lam")
+    val.positive_int(cfg.iters_outer, "iters_outer")
+    val.optional(val.positive, cfg.step, "step")
     for name in ("n_eval", "eval_steps"):
-        v = getattr(cfg, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 2:
-            raise ValueError(f"{name} must be an integer >= 2, got {v!r}")
-    if cfg.density not in ("tilts", "model"):
-        raise ValueError(f"density must be 'tilts' or 'model', got {cfg.density!r}")
-    if cfg.score_eps is not None and (isinstance(cfg.score_eps, bool) or not isinstance(cfg.score_eps, (int, float))
-                                      or not 0 < cfg.score_eps < 0.5):
-        raise ValueError(f"score_eps must be in (0, 0.5) or None, got {cfg.score_eps!r}")
-    if isinstance(cfg.score_steps, bool) or not isinstance(cfg.score_steps, int) or cfg.score_steps < 0:
-        raise ValueError(f"score_steps must be an integer >= 0 (0: velocity read-out), got {cfg.score_steps!r}")
-    if isinstance(cfg.backtrack, bool) or not isinstance(cfg.backtrack, int) or cfg.backtrack < 0:
-        raise ValueError(f"backtrack must be an integer >= 0, got {cfg.backtrack!r}")
-    if isinstance(cfg.tol, bool) or not isinstance(cfg.tol, (int, float)) or not 0 <= cfg.tol < math.inf:
-        raise ValueError(f"tol must be a finite number >= 0, got {cfg.tol!r}")
-    if isinstance(cfg.n_kl, bool) or not isinstance(cfg.n_kl, int) or cfg.n_kl < 0 or cfg.n_kl == 1:
+        val.positive_int(getattr(cfg, name), name, minimum=2)
+    val.one_of(cfg.density, "density", ("tilts", "model"))
+    val.optional(val.in_interval, cfg.score_eps, "score_eps", 0.0, 0.5, True, True)
+    val.positive_int(cfg.score_steps, "score_steps (0: velocity read-out)", minimum=0)
+    val.positive_int(cfg.backtrack, "backtrack", minimum=0)
+    val.non_negative(cfg.tol, "tol")
+    if val.positive_int(cfg.n_kl, "n_kl", minimum=0) == 1:
         raise ValueError(f"n_kl must be 0 (skip) or an integer >= 2, got {cfg.n_kl!r}")
 
 
@@ -295,7 +285,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         density: str = "model", score_eps: float | None = None, score_steps: int = 10, backtrack: int = 2,
         tol: float = 0.02,
         out=None, resume: bool = False, progress: bool = True, callback: Callable | None = None,
-        report_to: str = "none", **kwargs) -> FlowModel:
+        report_to: str = "none", config: FDCConfig | None = None, inner_config: FinetuneConfig | None = None,
+        **kwargs) -> FlowModel:
     """Flow Density Control: fine-tune `model` toward argmax_p F(p) − λ·D(p‖p_model).
 
     utility: a utility (tiltflow.utilities), an objective (ExpectedReward, CVaR) or a reward.
@@ -314,7 +305,9 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     retried from p_k with γ/2, up to `backtrack` times, then rejected (p_{k+1} = p_k); the
     halved γ is kept for the later steps. Needs n_kl > 0 (without D there is no objective).
     kwargs: FinetuneConfig fields of every inner Adjoint Matching run (iters, batch_size, steps,
-    lr, init, seed, ...); outer iteration k uses seed + k.
+    lr, init, seed, ...); outer iteration k uses seed + k. config: an FDCConfig instead of the
+    outer arguments (lam, iters_outer, step, ...); inner_config: a FinetuneConfig of the inner
+    runs (its lam is unused), which kwargs override.
     out / resume: run folder and continuation (module docstring). callback(k, record) after
     each outer iteration's evaluation. report_to: "none", "tensorboard" or "wandb": each outer
     iteration's record (the log.jsonl line) is also sent there, at step k, by rank 0 (tracking.Tracker;
@@ -327,10 +320,22 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     if not (hasattr(divergence, "first_variation") and hasattr(divergence, "value")):
         raise ValueError(f"divergence must be KL(), Renyi(alpha) or OT(p) (value and first_variation), "
                          f"got {type(divergence).__name__}")
-    cfg = FDCConfig(lam=lam, iters_outer=iters_outer, step=step, n_eval=n_eval, eval_steps=eval_steps,
-                    n_kl=n_kl, density=density, score_eps=score_eps, score_steps=score_steps, backtrack=backtrack,
-                    tol=tol)
-    _validate(cfg)
+    given = dict(lam=lam, iters_outer=iters_outer, step=step, n_eval=n_eval, eval_steps=eval_steps, n_kl=n_kl,
+                 density=density, score_eps=score_eps, score_steps=score_steps, backtrack=backtrack, tol=tol)
+    if config is None:
+        cfg = FDCConfig(**given)
+    elif not isinstance(config, FDCConfig):
+        raise ValueError(f"config must be an FDCConfig, got {type(config).__name__}")
+    else:   # the config's outer settings; an argument also set away from its default would be ambiguous
+        clash = [k for k, v in given.items() if v != FDCConfig.__dataclass_fields__[k].default
+                 and v != getattr(config, k)]
+        if clash:
+            raise ValueError(f"fdc: {clash} set both in config and as arguments; set them in one place")
+        cfg = config
+    if isinstance(inner_config, FinetuneConfig):      # inner settings as an object; kwargs override it
+        kwargs = {**{k: v for k, v in asdict(inner_config).items() if k != "lam"}, **kwargs}
+    elif inner_config is not None:
+        raise ValueError(f"inner_config must be a FinetuneConfig, got {type(inner_config).__name__}")
     one_of(report_to, "report_to", REPORT_TO)
     if cfg.density == "tilts" and float(getattr(utility, "curvature", 0.0)) > 0 and getattr(
             divergence, "needs_samples", False) and cfg.lam > 0:

@@ -194,8 +194,7 @@ def _validate(cfg: GFTConfig) -> list[float]:
     _number("lr", cfg.lr, 0.0, lo_open=True)
     _number("grad_clip", cfg.grad_clip, 0.0)
     _number("sinkhorn_reg", cfg.sinkhorn_reg, 0.0, lo_open=True)
-    if isinstance(cfg.ema, bool) or not isinstance(cfg.ema, (int, float)) or not 0 <= cfg.ema < 1:
-        raise ValueError(f"ema must be in [0, 1) (0 disables averaging), got {cfg.ema!r}")
+    val.in_interval(cfg.ema, "ema (0 disables averaging)", 0.0, 1.0, lo_open=False, hi_open=True)
     if cfg.variant not in ("conditional", "marginal"):
         raise ValueError(f"variant must be 'conditional' or 'marginal', got {cfg.variant!r}")
     if cfg.coupling not in ("auto", "independent", "ot", "sinkhorn"):
@@ -207,8 +206,7 @@ def _validate(cfg: GFTConfig) -> list[float]:
         raise ValueError(f"flow must be 'deterministic' or 'stochastic', got {cfg.flow!r}")
     if cfg.init not in ("auto", "copy", "residual"):
         raise ValueError(f"init must be 'auto', 'copy' or 'residual', got {cfg.init!r}")
-    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
-        raise ValueError(f"seed must be an integer, got {cfg.seed!r}")
+    val.integer(cfg.seed, "seed")
     return taus
 
 

@@ -80,14 +80,9 @@ class PretrainConfig:
         val.in_interval(self.ema, "ema", 0.0, 1.0, lo_open=False, hi_open=True)
         val.non_negative(self.grad_clip, "grad_clip")
         val.positive_int(self.lr_warmup, "lr_warmup", minimum=0)
-        if isinstance(self.hidden, list):
-            self.hidden = tuple(self.hidden)
-        if self.hidden is not None and (not isinstance(self.hidden, tuple) or not self.hidden or any(
-                isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in self.hidden)):
-            raise ValueError(f"hidden must be a non-empty sequence of positive integers, got {self.hidden!r}")
+        self.hidden = val.optional(val.int_tuple, self.hidden, "hidden")   # None: a ready network's
         val.one_of(self.coupling, "coupling", ("independent", "ot"))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        val.integer(self.seed, "seed")
 
 
 # --- data ------------------------------------------------------------------------------------

@@ -93,8 +93,7 @@ class EnergyConfig:
             self.iters = self.epochs * val.positive_int(self.iters_per_rollout, "iters_per_rollout")
             self.epochs = None
         val.resolve_renamed(self, "EnergyConfig")
-        if isinstance(self.hidden, list):
-            self.hidden = tuple(self.hidden)
+
         val.positive(self.prior_scale, "prior_scale")
         for name in ("iters", "iters_per_rollout", "samples_per_rollout", "batch_size", "buffer_size", "steps",
                      "checkpoint_every", "grad_accum", "max_nonfinite"):
@@ -105,8 +104,7 @@ class EnergyConfig:
         val.non_negative(self.grad_clip, "grad_clip")
         val.optional(val.non_negative, self.energy_grad_clip, "energy_grad_clip")
         val.one_of(self.network, "network", ("mlp", "egnn"))
-        if not self.hidden or any(isinstance(h, bool) or not isinstance(h, int) or h <= 0 for h in self.hidden):
-            raise ValueError(f"hidden must be a non-empty tuple of positive integers, got {self.hidden!r}")
+        self.hidden = val.int_tuple(self.hidden, "hidden")
         if self.network == "egnn" and len(set(self.hidden)) != 1:
             raise ValueError(f"network='egnn' takes hidden=(width,) * layers with one width, got {self.hidden!r}")
 

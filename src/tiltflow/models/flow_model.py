@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -183,17 +182,8 @@ class FlowModel(nn.Module):
     @staticmethod
     def read_config(path: str | os.PathLike) -> dict:
         """The architecture stored in a FlowModel file; ValueError if it is not one."""
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"no model file at {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-        except Exception as e:  # noqa: BLE001 — safetensors raises several types on bad files
-            raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a tiltflow FlowModel checkpoint (format {meta.get('format')!r})")
-        return json.loads(meta["config"])
+        from ..checkpoint import read_metadata
+        return json.loads(read_metadata(path, FORMAT, "FlowModel checkpoint", "model")["config"])
 
     @classmethod
     def load(cls, path: str | os.PathLike, device=None) -> "FlowModel":

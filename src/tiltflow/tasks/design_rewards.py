@@ -150,18 +150,9 @@ def save_predictor(predictor: PropertyPredictor, path, report: dict | None = Non
 
 def load_predictor(path, device=None) -> PropertyPredictor:
     """Rebuild a predictor written by `save_predictor` (nothing is unpickled); its report is `.report`."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"no predictor file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # noqa: BLE001 — safetensors raises several types on bad files
-        raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tiltflow property predictor (format {meta.get('format')!r})")
+    from ..checkpoint import read_metadata
+    meta = read_metadata(path, FORMAT, "property predictor", "predictor")
     predictor = PropertyPredictor(**json.loads(meta["config"]))
     predictor.load_state_dict(load_file(str(path)), strict=True)
     predictor.report = json.loads(meta.get("report", "{}"))
