@@ -94,6 +94,10 @@ def runs(base, reward):
         # these two overshoot and oscillate at the default step 1/λ: half steps
         ("diversity", tilt.KernelDiversity(bandwidth=1.0), tilt.KL(), 0.5, 3, 1.0),
         ("design", tilt.ExperimentDesign(reg=1e-3), tilt.KL(), 4.0, 3, 0.125),
+        # the authors' code uses a small constant step γ = 0.1: the same K at that step, to compare
+        # with the default full step 1/(λ + c) above
+        ("entropy_step0.1", tilt.Entropy(), tilt.KL(), 1.0, 2, 0.1),
+        ("mean_variance_step0.1", tilt.MeanVariance(reward, kappa=0.5), tilt.KL(), 1.0, 3, 0.1),
     ]
 
 
