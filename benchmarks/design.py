@@ -44,8 +44,8 @@ BASE = RESULTS / "design_base.safetensors"
 PREDICTOR = RESULTS / "design_dipole.safetensors"
 
 PRETRAIN = dict(iters=3000, hidden=64, layers=4, batch_size=64, lr=1e-3, lr_warmup=100, seed=0)
-FULL = dict(lams=(0.3, 0.1), levels=(0.2, 0.05), iters=20, batch_size=16, steps=10, n_loss_times=4, lr=2e-4,
-            n_offline=128, n_eval=256, eval_steps=20, fdc_outer=2, predictor_iters=2000)
+FULL = dict(lams=(0.3, 0.1), levels=(0.2, 0.05), iters=40, batch_size=16, steps=10, n_loss_times=4, lr=1e-3,
+            n_offline=128, n_eval=256, eval_steps=20, fdc_outer=1, predictor_iters=2000)
 QUICK = dict(lams=(0.3, 0.1), levels=(0.2, 0.05), iters=2, batch_size=4, steps=4, n_loss_times=2, lr=2e-4,
              n_offline=16, n_eval=16, eval_steps=6, fdc_outer=1, predictor_iters=20)
 
@@ -91,9 +91,12 @@ def composition_novelty(data, reward, bandwidth: float = 0.5):
     return tilt.Novelty(log_q, bandwidth=bandwidth)
 
 
-def evaluate(model, data, s: dict, seed: int = 1) -> tuple[dict, torch.Tensor]:
+def evaluate(model, data, s: dict, reward, seed: int = 1) -> tuple[dict, torch.Tensor]:
     x = design.sample(model, s["n_eval"], steps=s["eval_steps"], seed=seed)
-    return design.evaluate(x, data.train_smiles, level=0.1), x
+    rec = design.evaluate(x, data.train_smiles, level=0.1)
+    with torch.no_grad():
+        rec["predicted_dipole_mean"] = float(reward(x).mean())     # the reward itself, over all samples
+    return rec, x
 
 
 def runs(s: dict) -> list[tuple[str, str, float, float | None]]:
@@ -128,7 +131,7 @@ def main() -> None:
            "models": {}}
     samples = {}
     t = time.perf_counter()
-    out["models"]["base"], samples["base"] = evaluate(base, data, s)
+    out["models"]["base"], samples["base"] = evaluate(base, data, s, r)
     out["models"]["base"]["time_s"] = time.perf_counter() - t
     ft_kw = dict(iters=s["iters"], batch_size=s["batch_size"], steps=s["steps"], n_loss_times=s["n_loss_times"],
                  lr=s["lr"], n_offline=s["n_offline"], progress=False, seed=0)
@@ -142,10 +145,8 @@ def main() -> None:
             model = tilt.finetune(base, tilt.ExpectedReward(r), lam=lam, **ft_kw)
         else:
             model = tilt.finetune(base, tilt.CVaR(r, level=level, tail=tail), lam=lam, **ft_kw)
-        rec, samples[name] = evaluate(model, data, s)
+        rec, samples[name] = evaluate(model, data, s, r)
         rec.update(kind=kind, lam=lam, level=level, time_s=time.perf_counter() - t)
-        with torch.no_grad():
-            rec["predicted_dipole_mean"] = float(r(samples[name]).mean())
         out["models"][name] = rec
         print(f"{name:28s} dipole {rec['dipole_mean']:.3f} (CVaR₀.₁ left {rec['dipole_cvar_left']:.3f}, right "
               f"{rec['dipole_cvar_right']:.3f})  validity {rec['validity']:.2f}  uniqueness {rec['uniqueness']:.2f}"
@@ -181,6 +182,8 @@ def figures(out: dict, samples: dict, stem: str) -> None:
     ax[1].legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"{stem}.png", dpi=110)
+    for old in RESULTS.glob(f"{stem}_molecules_*.png"):     # a model without valid molecules leaves none
+        old.unlink()
     for name, x in samples.items():      # one grid of molecules per model, side by side in the docs
         try:
             design.draw(x, RESULTS / f"{stem}_molecules_{name}.png", n=8)
