@@ -16,8 +16,9 @@ and CVaRs (RDKit's, not the predictor's), validity, uniqueness, novelty, stabili
     python benchmarks/design.py                 # the fine-tuning table (uses the stored base)
     python benchmarks/design.py --quick         # tiny settings, a smoke test
 
-Writes benchmarks/results/design.json, design.png (dipole histograms and validity against the tail
-setting) and design_molecules_<model>.png (valid molecules of each model drawn by RDKit).
+Writes benchmarks/results/design.json, design.png (the reward's histograms per model and atom
+stability against the tail setting) and design_molecules_<model>.png (valid molecules of each model
+drawn by RDKit).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def main() -> None:
               f"{rec['dipole_cvar_right']:.3f})  validity {rec['validity']:.2f}  uniqueness {rec['uniqueness']:.2f}"
               f"  {rec['time_s']:.0f} s", flush=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(out, indent=1, default=str))
-    figures(out, samples, stem)
+    figures({**out, "_reward": r}, samples, stem)
 
 
 def figures(out: dict, samples: dict, stem: str) -> None:
@@ -164,22 +165,25 @@ def figures(out: dict, samples: dict, stem: str) -> None:
         print("no matplotlib: figures skipped (pip install 'tiltflow[plot]')")
         return
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    for name in ("base", *[n for n in out["models"] if n.startswith(("cvar", "expected"))][:4]):
-        d = design.dipole(samples[name])
-        d = d[d == d]
-        if len(d):
-            ax[0].hist(d, bins=30, histtype="step", density=True, label=name)
-    ax[0].set_xlabel("RDKit Gasteiger dipole (e·Å) of valid samples")
+    reward = out["_reward"]
+    for name in ("base", "expected_0.1", "cvar-right_0.3_0.05", "cvar-left_0.3_0.05", "fdc-novelty_0.3"):
+        if name in samples:
+            with torch.no_grad():
+                d = reward(samples[name]).numpy()
+            ax[0].hist(d, bins=40, histtype="step", density=True, label=name)
+    ax[0].set_xlabel("predicted dipole (e·Å), the reward, over all samples")
     ax[0].legend(fontsize=7)
     for tail, marker in (("right", "o"), ("left", "s")):
-        pts = [(m["level"], m["validity"]) for m in out["models"].values() if m.get("kind") == f"cvar-{tail}"]
-        if pts:
-            ax[1].plot(*zip(*pts), marker, label=f"{tail} CVaR")
-    ax[1].axhline(out["models"]["base"]["validity"], color="k", ls="--", label="base")
+        for lam, fill in zip(out["settings"]["lams"], ("full", "none")):
+            pts = sorted((m["level"], m["atom_stability"]) for m in out["models"].values()
+                         if m.get("kind") == f"cvar-{tail}" and m["lam"] == lam)
+            if pts:
+                ax[1].plot(*zip(*pts), marker + "-", fillstyle=fill, label=f"{tail} CVaR, λ = {lam:g}")
+    ax[1].axhline(out["models"]["base"]["atom_stability"], color="k", ls="--", label="base")
     ax[1].set_xscale("log")
     ax[1].set_xlabel("tail mass β (smaller = more aggressive)")
-    ax[1].set_ylabel("validity")
-    ax[1].legend()
+    ax[1].set_ylabel("atom stability (RDKit, all samples)")
+    ax[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{stem}.png", dpi=110)
     for old in RESULTS.glob(f"{stem}_molecules_*.png"):     # a model without valid molecules leaves none

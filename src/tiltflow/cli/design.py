@@ -13,7 +13,7 @@ from ..methods.finetune import finetune
 from ..models.flow_model import FlowModel
 from ..validation import in_interval, one_of, positive, positive_int
 from .finetune import make_objective
-from .flags import add_config_flags, build, config_dict, config_from, progress_flags, report_to_flag
+from .flags import add_config_flags, build, config_dict, config_from, run_folder_flags
 from .runs import EVAL_SEED_OFFSET, prepare_run, writes
 
 
@@ -128,8 +128,5 @@ def add_parser(sub) -> None:
                                    "(validity, uniqueness, novelty, stability, property CVaRs) and write SDF, PNG and "
                                    "summary.json. Needs RDKit: pip install 'tiltflow[mol]'.")
     add_config_flags(s, DesignConfig)
-    s.add_argument("--out", default="runs/design", help="output folder (default: runs/design)")
-    s.add_argument("--resume", action="store_true", help="continue each stage from its newest checkpoint")
-    progress_flags(s)
-    report_to_flag(s)
+    run_folder_flags(s, "runs/design", "continue each stage from its newest checkpoint")
     s.set_defaults(func=cmd_design)

@@ -12,8 +12,8 @@ from ..methods.finetune import finetune
 from ..methods.pretrain import pretrain
 from ..validation import in_interval, one_of, positive, positive_int
 from .finetune import make_objective
-from .flags import (add_config_flags, build, config_dict, config_from, positive_ints, progress_flags,
-                    report_to_flag, resolve_deprecated)
+from .flags import (add_config_flags, build, config_dict, config_from, positive_ints, resolve_deprecated,
+                    run_folder_flags)
 from .runs import EVAL_SEED_OFFSET, prepare_run, writes
 
 
@@ -119,8 +119,5 @@ def add_parser(sub) -> None:
                                    "(energies, validity flags) and summary.json. Needs RDKit: "
                                    "pip install 'tiltflow[mol]'.")
     add_config_flags(s, MoleculesConfig)
-    s.add_argument("--out", default="runs/mol", help="output folder (default: runs/mol)")
-    s.add_argument("--resume", action="store_true", help="continue each stage from its newest checkpoint")
-    progress_flags(s)
-    report_to_flag(s)
+    run_folder_flags(s, "runs/mol", "continue each stage from its newest checkpoint")
     s.set_defaults(func=cmd_molecules)
