@@ -39,22 +39,6 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record, default=float) + "\n")
 
 
-def truncate_jsonl(path: Path, key: str, step: int) -> None:
-    """Keep the records of `path` with record[key] <= step (and drop a half-written last line)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            break                      # a line cut by a kill: it and anything after are rewritten
-        if rec.get(key, 0) <= step:
-            keep.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 def config_hash(config: dict, exclude=()) -> str:
     """SHA-256 of the JSON of `config` without the keys in `exclude` (those may change on resume)."""
     kept = {k: v for k, v in config.items() if k not in exclude}

@@ -158,7 +158,7 @@ def base_log_path(base: FlowModel, xs: torch.Tensor, grid: torch.Tensor, cond=No
         # spelled out here so that the residual keeps its rounding (the step's mean differs in ulps)
         s, t = float(grid[i]), float(grid[i + 1])
         decay, w, std = base.path.exponential_coefficients(s, t)
-        res = xs[i + 1] - decay * xs[i] - 2.0 * w * v(xs[i], torch.full((n,), s, dtype=torch.float64))
+        res = xs[i + 1] - decay * xs[i] - 2.0 * w * v(xs[i], torch.full((n,), s, dtype=torch.float64, device=xs.device))
         out += -0.5 * res.reshape(n, -1).pow(2).sum(1) / std**2 - dof * (math.log(std) + 0.5 * _LOG2PI)
     return out
 

@@ -7,7 +7,6 @@ matplotlib backend or global figure state.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -123,10 +122,11 @@ def plot_samples(path_png, panels: dict, title: str | None = None, density=None,
 
 def read_log(log_jsonl_path) -> list[dict]:
     """The records of a log.jsonl file (one JSON object per line)."""
+    from .training import read_log as read_records
     path = Path(log_jsonl_path)
     if not path.is_file():
         raise FileNotFoundError(f"no training log at {path}")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)
     if not records:
         raise ValueError(f"training log {path} has no records")
     return records

@@ -20,7 +20,7 @@ from ..methods.finetune import FinetuneConfig
 from ..methods.pretrain import PretrainConfig
 from ..tasks import toy2d
 from ..validation import in_interval, one_of, positive, positive_int
-from .evaluation import EvalConfig, print_eval_table
+from .evaluation import EvalConfig, print_eval_table, print_exact_tilt
 from .finetune import run_finetune
 from .flags import (add_config_flags, build, config_dict, config_from, merge, positive_ints, progress_flags,
                     report_to_flag, resolve_deprecated)
@@ -169,8 +169,7 @@ def cmd_demo(args) -> int:
     print(f"\n== summary ({cfg.n_eval} ODE samples per model; KL by log-likelihoods on {cfg.n_kl}) ==")
     print_eval_table(models, [(k, header) for k, header, _ in COLUMNS])
     if exact is not None:
-        print(f"energy distance to exact tilted samples: expected {exact['energy_distance_finetuned']:.4f}, "
-              f"base {exact['energy_distance_base']:.4f} (noise floor {exact['energy_distance_noise_floor']:.4f})")
+        print_exact_tilt(exact, "expected")
     print(f"wall time {timings['total_s']:.0f} s; wrote {out}/summary.json, samples.png, reward_hist.png and "
           "run folders pre/, expected/, cvar-left/, cvar-right/")
     return 0

@@ -78,6 +78,12 @@ TABLE_COLUMNS = [("reward_mean", "reward mean"), ("reward_cvar_left_10", "CVaR�
                  ("reward_cvar_right_10", "CVaR₁₀ right"), ("kl", "KL"), ("diversity", "diversity")]
 
 
+def print_exact_tilt(e: dict, label: str) -> None:
+    """The energy distances of an exact_tilt evaluation (`label`: the fine-tuned model's name)."""
+    print(f"energy distance to the exact tilt: {label} {e['energy_distance_finetuned']:.4f}, "
+          f"base {e['energy_distance_base']:.4f} (noise floor {e['energy_distance_noise_floor']:.4f})")
+
+
 def print_eval_table(rows: dict, columns=TABLE_COLUMNS) -> None:
     """rows: {model: stats}; columns: (stats key, header) pairs."""
     width = max(len(k) for k in rows) + 2

@@ -17,7 +17,7 @@ from ..methods.finetune import FinetuneConfig, finetune
 from ..metrics import energy_distance, mean_pairwise_distance, reward_summary
 from ..objectives import CVaR, ExpectedReward
 from ..tasks import toy2d
-from .evaluation import EvalConfig, evaluate, exact_tilt, exact_tilt_kl, print_eval_table
+from .evaluation import EvalConfig, evaluate, exact_tilt, exact_tilt_kl, print_eval_table, print_exact_tilt
 from .flags import (add_config_flags, base_run_flag, build, config_dict, config_from, progress_flags,
                     report_to_flag, with_report_to)
 from .runs import EVAL_SEED_OFFSET, RUN_INFO, load_model, plots, print_config, run_info, writes
@@ -160,9 +160,7 @@ def cmd_finetune(args) -> int:
         return 0
     print_eval_table({"base": res["base"], "fine-tuned": res["finetuned"]})
     if "exact_tilt" in res:
-        e = res["exact_tilt"]
-        print(f"energy distance to the exact tilt: fine-tuned {e['energy_distance_finetuned']:.4f}, "
-              f"base {e['energy_distance_base']:.4f} (noise floor {e['energy_distance_noise_floor']:.4f})")
+        print_exact_tilt(res["exact_tilt"], "fine-tuned")
     print(f"wrote {args.out}/: model.safetensors, metrics.json, log.jsonl, before_after.png, "
           "training.png, reward_hist.png")
     return 0

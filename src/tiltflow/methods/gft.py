@@ -372,10 +372,9 @@ def _coupling(coupling: str, variant: str) -> str:
         return "independent"
     if importlib.util.find_spec("ot") is not None:
         return "ot"
-    else:
-        get_logger("gft").warning("gradual_finetune: POT is not installed, so the coupling is 'independent' "
-                                  "(straighter paths with pip install 'tiltflow[ot]' and coupling='ot')")
-        return "independent"
+    get_logger("gft").warning("gradual_finetune: POT is not installed, so the coupling is 'independent' "
+                              "(straighter paths with pip install 'tiltflow[ot]' and coupling='ot')")
+    return "independent"
 
 
 def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[float] | None = None,

@@ -51,7 +51,7 @@ from ..models.flow_model import FlowModel, ResidualVelocity
 from ..solvers.adjoint_sampling import AdjointSampling
 from ..solvers.reciprocal import control_regression
 from .finetune import make_finetune_model
-from ..training import Trainer, cosine
+from ..training import Trainer, cosine, read_log
 from .. import validation as val
 
 
@@ -153,10 +153,7 @@ class EnergySampler:
             saved.update(network="egnn", hidden=(res.hidden,) * res.n_layers)
         elif res is not None:
             saved.update(network="mlp")
-        history = []
-        log = Path(path).with_name("log.jsonl")
-        if log.is_file():
-            history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        history = read_log(Path(path).with_name("log.jsonl"))
         return cls(model.eval(), energy, project if project is not None else getattr(energy, "project", None),
                    EnergyConfig(**saved), history)
 

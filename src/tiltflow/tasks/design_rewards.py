@@ -209,8 +209,9 @@ def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, 
         xs.append(xx[torch.as_tensor(keep)])
         ys.append(yy[keep])
     (x_train, x_test), (y_train, y_test) = xs, ys
-    torch.manual_seed(seed)        # the initial weights; batches and noise come from `gen`
-    predictor = PropertyPredictor(hidden, layers, readout=readout, property=property)
+    with torch.random.fork_rng(devices=[]):   # the initial weights from `seed`, the caller's RNG untouched
+        torch.manual_seed(seed)               # (batches and noise come from `gen`)
+        predictor = PropertyPredictor(hidden, layers, readout=readout, property=property)
     y = torch.as_tensor(y_train, dtype=torch.float32)
     std = float(y.std())
     if not std > 0:
