@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import statistics
-import sys
 import time
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -27,19 +25,9 @@ def setup_torch(threads: int = 1) -> None:
 
 
 def environment() -> dict:
-    """What the numbers depend on: versions, threads, CPU."""
-    import tiltflow
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "tiltflow": tiltflow.__version__,
-            "threads": torch.get_num_threads(), "cpu": cpu, "platform": platform.platform(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    """What the numbers depend on: versions, threads, CPU (tiltflow.tracking.environment)."""
+    from tiltflow.tracking import environment as env
+    return env()
 
 
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:

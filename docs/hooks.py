@@ -26,7 +26,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
-REF = re.compile(r"\{\{\s*(?:(?P<file>[\w.\-]+\.json)\s*:\s*)?(?P<path>[^|{}]+?)\s*(?:\|\s*(?P<fmt>[^{}]*?)\s*)?\}\}")
+REF = re.compile(r"\{\{\s*(?:(?P<file>[\w.\-/]+\.json)\s*:\s*)?(?P<path>[^|{}]+?)\s*(?:\|\s*(?P<fmt>[^{}]*?)\s*)?\}\}")
 BLOCK = re.compile(r"^```results-table[ \t]*\n(?P<body>.*?)^```[ \t]*$", re.S | re.M)
 VAR = re.compile(r"\$\{(\w+)\}")
 

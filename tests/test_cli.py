@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tiltflow import cli, rewards, toy2d
+from tiltflow import tracking as tilt_tracking
 from tiltflow.methods.finetune import FinetuneConfig
 from tiltflow.methods.pretrain import PretrainConfig
 
@@ -212,11 +213,37 @@ def test_report_to_is_a_flag_of_every_training_command_and_reaches_the_library(t
 
     def spy(*a, report_to="none", **k):      # records what the CLI passed, trains without tracking
         seen["report_to"] = report_to
+        seen["open"] = getattr(report_to, "active", None)
         return real(*a, **k)
     monkeypatch.setattr(cli.pretrain, "pretrain", spy)
     assert cli.main(["pretrain", "--task", "gaussian", "--iters", "2", "--hidden", "8", "--batch-size", "8",
                      "--out", str(tmp_path / "pre"), "--no-progress", "--report-to", "tensorboard"]) == 0
-    assert seen["report_to"] == "tensorboard"
+    # the command's own open tracker of the run folder (it adds its figure, then closes it)
+    tracker = seen["report_to"]
+    assert isinstance(tracker, tilt_tracking.Tracker) and tracker.report_to == "tensorboard"
+    assert seen["open"] is True and not tracker.active
+
+
+def test_report_to_tensorboard_gets_the_run_its_evaluation_and_its_figures(demo, tmp_path):
+    """`finetune --report-to tensorboard`: one TensorBoard folder holds the loop's records (as
+    log.jsonl), the command's evaluation ("eval/...") and its three PNG figures, at the last iteration."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "ft"
+    assert cli.main(["finetune", "--run", str(demo / "pre"), "--iters", "4", "--batch-size", "16", "--steps", "5",
+                     "--n-eval", "200", "--eval-steps", "10", "--n-kl", "50", "--out", str(out), "--no-progress",
+                     "--report-to", "tensorboard"]) == 0
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e.step for e in acc.Scalars("loss")] == [r["iter"] for r in log]
+    metrics = json.loads((out / "metrics.json").read_text())["evaluation"]
+    (ev,) = acc.Scalars("eval/finetuned/reward_mean")
+    assert ev.step == 4 and ev.value == pytest.approx(metrics["finetuned"]["reward_mean"], rel=1e-6)
+    if _has_matplotlib():
+        images = set(acc.Tags()["images"])
+        assert images == {"before_after", "training", "reward_hist"}, images
+        assert all(acc.Images(tag)[0].step == 4 for tag in images)
 
 
 def test_fdc_on_a_rank_other_than_0_writes_nothing(demo, tmp_path, monkeypatch, capsys):

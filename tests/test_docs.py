@@ -87,7 +87,7 @@ def _headline_rows() -> list[tuple[str, str, str, str]]:
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) != 3 or cells[0] in ("result", "") or set(cells[1]) <= set("-"):
             continue
-        m = re.match(r"\[([\w.\-]+\.json)\]\(benchmarks/results/\1\)\s+(.*)", cells[2])
+        m = re.match(r"\[[\w.\-/]+\.json\]\(benchmarks/results/([\w.\-/]+\.json)\)\s+(.*)", cells[2])
         assert m, f"headline row {cells[0]!r}: its last cell must be [file.json](benchmarks/results/file.json) `key`, ..."
         rows.append((cells[0], cells[1], m.group(1), m.group(2)))
     return rows

@@ -423,8 +423,17 @@ out = "{(tmp_path / 'ignored').as_posix()}"
 scale = 100.0
 ''')
     out = tmp_path / "run"
-    assert cli.main(["finetune", "--config", str(toml), "--iters", "2", "--out", str(out), "--no-progress"]) == 0
+    import importlib.util
+    tb = importlib.util.find_spec("tensorboard") is not None
+    assert cli.main(["finetune", "--config", str(toml), "--iters", "2", "--out", str(out), "--no-progress",
+                     *(["--report-to", "tensorboard"] if tb else [])]) == 0
     assert not (tmp_path / "ignored").exists()                 # --out overrode the file's out
+    if tb:      # the loop's records and each validation grid, in one TensorBoard folder
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("loss")] == [1, 2]
+        assert [(e.step, e.width, e.height) for e in acc.Images("validation")] == [(1, 32, 16), (2, 32, 16)]
     for name in ("config.json", "run_config.json", "log.jsonl", "metrics.json", "model.safetensors",
                  "lora.safetensors", "stage1.json"):
         assert (out / name).is_file(), name

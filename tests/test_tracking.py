@@ -96,6 +96,20 @@ def _wandb_records(path: Path):
             yield rec
 
 
+def _finished_wandb_log(run_dir: Path, timeout: float = 30.0) -> Path:
+    """The transaction log of the one offline run under run_dir, once it holds the run's "exit"
+    record: W&B's service flushes the file shortly after run.finish() returns, not before."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+        if log.stat().st_size > 7 and any(rec.WhichOneof("record_type") == "exit" for rec in _wandb_records(log)):
+            return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{log} holds no exit record {timeout:g} s after the run finished")
+        time.sleep(0.1)
+
+
 def test_wandb_offline_run_holds_the_logged_history(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     import json
@@ -107,7 +121,7 @@ def test_wandb_offline_run_holds_the_logged_history(tmp_path, monkeypatch):
         for r in RECORDS:
             tr.log(r, step=r["iter"])
         tr.log_figure("samples", _figure(), step=5)
-    (log,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    log = _finished_wandb_log(run_dir)
     history, config = {}, {}
     for rec in _wandb_records(log):
         kind = rec.WhichOneof("record_type")
@@ -200,3 +214,47 @@ def test_a_configured_user_receives_records_by_propagation(caplog):
     get_logger("unit").info("tiltflow unit: config line")
     assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == \
         [("tiltflow.unit", "INFO", "tiltflow unit: config line")]
+
+
+# ---------------------------------------------------------------- one run, one tracker
+
+
+def test_a_run_given_an_open_tracker_logs_to_it_and_leaves_it_open(tmp_path, monkeypatch):
+    """report_to=<open Tracker>: pretrain logs its records into the caller's W&B run and leaves it
+    open, so the caller's figure lands in the same run (one offline run folder, one .wandb log)."""
+    pytest.importorskip("wandb")
+    import json
+    import torch
+    import tiltflow as tilt
+    for k, v in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}.items():
+        monkeypatch.setenv(k, v)
+    run_dir = tmp_path / "run"
+    with Tracker("wandb", run_dir=run_dir, name="caller") as tr:
+        tilt.pretrain(torch.randn(64, 2), 100, hidden=(8,), batch_size=16, out=run_dir, progress=False,
+                      report_to=tr)
+        assert tr.active                                 # not closed by the run
+        tr.log_figure("samples", _figure(), step=100)
+    assert not tr.active
+    log = _finished_wandb_log(run_dir)
+    steps = {}
+    for rec in _wandb_records(log):
+        if rec.WhichOneof("record_type") == "history":
+            row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item}
+            for tag in row:
+                steps.setdefault(tag, []).append(row["_step"])
+    assert steps["loss"] == [50, 100] and steps["samples/_type"] == [100]
+
+
+def test_open_tracker_owns_what_it_opens_only():
+    from tiltflow.tracking import open_tracker, tracked
+    mine = Tracker("none")
+    assert open_tracker(mine) == (mine, False)
+    tr, owned = open_tracker("none")
+    assert owned and isinstance(tr, Tracker) and not tr.active
+    with pytest.raises(ValueError, match="tensorbord"):
+        open_tracker("tensorbord")
+    closed = []
+    mine.close = lambda: closed.append(1)
+    with tracked(mine) as tr:
+        assert tr is mine
+    assert closed == []                                   # the caller's tracker is left open

@@ -247,8 +247,9 @@ def write_grid(path: Path, images: torch.Tensor, rows: int) -> None:
     tmp.replace(path)
 
 
-def validation_callback(run: RunConfig, pipe, conds: list, every: int, iters: int, seed: int):
-    """callback(iteration, record, model) of finetune writing validation samples every `every` iterations."""
+def validation_callback(run: RunConfig, pipe, conds: list, every: int, iters: int, seed: int, tracker=None):
+    """callback(iteration, record, model) of finetune writing validation samples every `every`
+    iterations (and their decoded grid to `tracker`, a tracking.Tracker, as "validation")."""
     from safetensors.torch import save_file
 
     from . import distributed, integrators
@@ -278,6 +279,8 @@ def validation_callback(run: RunConfig, pipe, conds: list, every: int, iters: in
                             "iteration": str(it), "steps": str(run.validation_steps)})
         if getattr(pipe, "vae", None) is not None:
             write_grid(stem.with_suffix(".png"), decode(pipe, x), rows=len(prompts))
+            if tracker is not None:
+                tracker.log_figure("validation", stem.with_suffix(".png"), it)
 
     return callback, prompts
 
@@ -307,11 +310,12 @@ def run_finetune(run: RunConfig, ft: dict, progress: bool = True, report_to: str
     """Fine-tune the pipeline `run.base` as the run config says; returns the fine-tuned FlowModel.
 
     ft: FinetuneConfig keyword arguments (lam, iters, ...); report_to: experiment tracking
-    ("none", "tensorboard", "wandb"). Under torchrun only rank 0 writes run_config.json."""
+    ("none", "tensorboard", "wandb"; the log.jsonl records and the validation grids). Under torchrun only rank 0 writes run_config.json."""
     from . import checkpoint as ckpt
     from . import distributed as dist
     from .methods.finetune import finetune
     from .models import diffusers_adapter as da
+    from .tracking import tracked
 
     pipe = load_pipeline(run.base, run.dtype)
     model = pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
@@ -331,13 +335,15 @@ def run_finetune(run: RunConfig, ft: dict, progress: bool = True, report_to: str
     base = da.from_diffusers(pipe, guidance_scale=run.guidance_scale, shape=shape, device=device)
     reward = make_reward(run.reward, dict(run.reward_options), pipe)
     objective = make_objective(run, reward)
-    callback = None
-    if run.validation_every > 0:
-        callback, _ = validation_callback(run, pipe, val_conds, run.validation_every,
-                                          ft.get("iters", FinetuneConfig.iters), ft.get("seed", 0))
     out = Path(run.out)
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
         ckpt.write_json(out / "run_config.json", {**asdict(run), **ft})
-    return finetune(base, objective, out=out, resume=run.resume, progress=progress, prompts=cond,
-                    callback=callback, report_to=report_to, **ft)
+    # one tracker: the loop's records and the validation grids
+    with tracked(report_to, out, "finetune", {**asdict(run), **ft}, enabled=dist.is_main()) as tracker:
+        callback = None
+        if run.validation_every > 0:
+            callback, _ = validation_callback(run, pipe, val_conds, run.validation_every,
+                                              ft.get("iters", FinetuneConfig.iters), ft.get("seed", 0), tracker)
+        return finetune(base, objective, out=out, resume=run.resume, progress=progress, prompts=cond,
+                        callback=callback, report_to=tracker, **ft)

@@ -14,23 +14,31 @@ log.jsonl (every numeric scalar of each record) and its figures to TensorBoard
 (`<run_dir>/tensorboard`) or Weights & Biases (project $WANDB_PROJECT, default "tiltflow";
 WANDB_MODE=offline works without network). Each backend is an optional extra:
 `pip install 'tiltflow[tensorboard]'` or `'tiltflow[wandb]'`.
+
+One run, one tracker. Every entry point's `report_to` also takes an open Tracker: the run logs
+into it and leaves it open (`open_tracker`), so that the caller can add what it makes after the
+library call returns (the command line's evaluation scalars and PNG figures) to the same
+TensorBoard folder or W&B run, then close it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
 import numbers
 import os
+import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 from .validation import one_of
 
-__all__ = ["Tracker", "get_logger", "REPORT_TO"]
+__all__ = ["Tracker", "environment", "get_logger", "open_tracker", "tracked", "REPORT_TO"]
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 _PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}   # report_to -> the package it needs
@@ -196,3 +204,42 @@ class Tracker:
 
     def __repr__(self) -> str:
         return f"Tracker(report_to={self.report_to!r}, active={self.active})"
+
+
+def open_tracker(report_to, run_dir=None, name: str = "run", config: dict | None = None,
+                 enabled: bool = True) -> tuple[Tracker, bool]:
+    """The tracker a run logs to and whether the run owns it (closes it when it ends).
+
+    report_to: "none", "tensorboard" or "wandb" → a Tracker opened here for the run (a no-op one
+    for "none"), owned; an open Tracker (the caller's) → (it, False): used as it is, left open."""
+    if isinstance(report_to, Tracker):
+        return report_to, False
+    return Tracker(report_to, run_dir, name, config, enabled=enabled), True
+
+
+@contextlib.contextmanager
+def tracked(report_to, run_dir=None, name: str = "run", config: dict | None = None, enabled: bool = True):
+    """`with tracked(...) as tracker:` open_tracker, closing the tracker at the end if it is the run's own."""
+    tracker, owned = open_tracker(report_to, run_dir, name, config, enabled)
+    try:
+        yield tracker
+    finally:
+        if owned:
+            tracker.close()
+
+
+def environment() -> dict:
+    """What a run's numbers depend on: Python, torch and tiltflow versions, torch threads, the CPU
+    model, the platform and the date (written into summaries and benchmark results)."""
+    from . import __version__
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": sys.version.split()[0], "torch": torch.__version__, "tiltflow": __version__,
+            "threads": torch.get_num_threads(), "cpu": cpu, "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}

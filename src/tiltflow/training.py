@@ -110,14 +110,15 @@ class Trainer:
     log_when: done -> whether iteration `done` (1-based) writes a record (always the last); the
     stats of the iterations in between are averaged into it. after_step(it): called after every
     optimiser step taken (e.g. the EMA update). scaler: an fp16 GradScaler or None.
-    report_to: "none", "tensorboard" or "wandb" (tracking.Tracker; rank 0).
+    report_to: "none", "tensorboard" or "wandb" (tracking.Tracker; rank 0), or an open Tracker
+    of the caller, which the loop logs to and leaves open (tracking.open_tracker).
     hint: what the FloatingPointError of max_nonfinite skipped iterations suggests.
     """
 
     def __init__(self, name: str, *, params, opt, modules: dict, gens: dict, iters: int,
                  config: dict, resumable=("iters",), lr_at: Callable[[int], float], grad_clip: float,
                  max_nonfinite: int, checkpoint_every: int, out=None, resume: bool = False,
-                 progress: bool = True, report_to: str = "none", log_when: Callable[[int], bool] | None = None,
+                 progress: bool = True, report_to="none", log_when: Callable[[int], bool] | None = None,
                  after_step: Callable[[int], None] | None = None, scaler=None, postfix=("loss",),
                  hint: str = "Lower lr or check the data", banner: str = ""):
         if resume and out is None:
@@ -158,10 +159,8 @@ class Trainer:
         self.progress = progress and self.main
         if self.progress and banner:
             log.info(f"tiltflow {name}: {banner}")
-        self.tracker = None
-        if report_to != "none":
-            from .tracking import Tracker
-            self.tracker = Tracker(report_to, self.run_dir, name, config, enabled=self.main)
+        from .tracking import open_tracker
+        self.tracker, self._owns_tracker = open_tracker(report_to, self.run_dir, name, config, enabled=self.main)
 
     def _checkpoint(self, done: int, extra: dict) -> None:
         states = dist.gather_generator_states(self.gens)          # collective: every process
@@ -178,7 +177,7 @@ class Trainer:
 
         callback(iter, record) after each written record; callback(iter, record, model) if it
         takes three arguments (`model`: the model being trained, e.g. to draw validation samples).
-        The tracker is closed when the run ends or fails.
+        The tracker is closed when the run ends or fails, unless it is the caller's.
         """
         with_model = callback is not None and _wants_model(callback)
         bar = tqdm(range(self.start, self.iters), initial=self.start, total=self.iters,
@@ -237,14 +236,13 @@ class Trainer:
                                      if isinstance(record.get(k), float)})
                     if self.run_dir is not None and self.main:
                         ckpt.append_jsonl(self.run_dir / "log.jsonl", record)
-                    if self.tracker is not None:
-                        self.tracker.log(record, done)
+                    self.tracker.log(record, done)
                 if self.run_dir is not None and (done % self.checkpoint_every == 0 or done == self.iters):
                     self._checkpoint(done, checkpoint_extra or {})
                 if callback is not None and record and record["iter"] == done:
                     callback(done, record, model) if with_model else callback(done, record)
         finally:
             bar.close()
-            if self.tracker is not None:    # the run is over, or failed: flush and close the tracker
+            if self._owns_tracker:      # the run is over, or failed: flush and close its own tracker
                 self.tracker.close()
         return record

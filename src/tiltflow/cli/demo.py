@@ -20,12 +20,13 @@ from ..methods.finetune import FinetuneConfig
 from ..methods.pretrain import PretrainConfig
 from ..tasks import toy2d
 from ..validation import in_interval, one_of, positive, positive_int
+from ..tracking import environment
 from .evaluation import EvalConfig, print_eval_table, print_exact_tilt
 from .finetune import run_finetune
 from .flags import (add_config_flags, build, config_dict, config_from, merge, positive_ints, progress_flags,
                     report_to_flag, resolve_deprecated)
 from .pretrain import run_pretrain
-from .runs import plots, prepare_run, writes
+from .runs import open_run_tracker, plots, prepare_run, track_results, writes
 
 
 @dataclass
@@ -164,7 +165,10 @@ def cmd_demo(args) -> int:
     summary["wall_s"] = timings["total_s"]
     summary["timings"] = timings
     summary["torch_threads"] = torch.get_num_threads()
+    summary["environment"] = environment()
     ckpt.write_json(out / "summary.json", summary)
+    with open_run_tracker(args.report_to, out, "demo", config_dict(cfg)) as tracker:   # the table and the figures
+        track_results(tracker, out, ["samples.png", "reward_hist.png"], models, step=0)
 
     print(f"\n== summary ({cfg.n_eval} ODE samples per model; KL by log-likelihoods on {cfg.n_kl}) ==")
     print_eval_table(models, [(k, header) for k, header, _ in COLUMNS])

@@ -14,7 +14,7 @@ from ..models.flow_model import FlowModel
 from ..validation import in_interval, one_of, positive, positive_int
 from .finetune import make_objective
 from .flags import add_config_flags, build, config_dict, config_from, run_folder_flags
-from .runs import EVAL_SEED_OFFSET, prepare_run, writes
+from .runs import EVAL_SEED_OFFSET, open_run_tracker, prepare_run, track_results, writes
 
 
 @dataclass
@@ -90,24 +90,26 @@ def cmd_design(args) -> int:
     timings["reward_s"] = time.perf_counter() - t
     t = time.perf_counter()
     obj = make_objective(cfg.objective, reward, cfg.level, cfg.tail, 0.0)
-    ft = finetune(base, obj, lam=cfg.lam, iters=cfg.iters, batch_size=cfg.batch_size, steps=cfg.steps,
-                  n_loss_times=cfg.n_loss_times, lr=cfg.lr, n_offline=cfg.n_offline, seed=cfg.seed,
-                  device=cfg.device, out=out / "ft", resume=args.resume, progress=progress,
-                  report_to=args.report_to)
-    timings["finetune_s"] = time.perf_counter() - t
-    if not writes():
-        return 0
-    models, seed = {}, cfg.seed + EVAL_SEED_OFFSET
-    for name, model in (("base", base), ("finetuned", ft)):
-        x = design.sample(model, cfg.n_samples, steps=cfg.sample_steps, seed=seed)
-        models[name] = design.evaluate(x, data.train_smiles)
-        design.to_sdf(x, out / f"{name}.sdf")
-        try:
-            design.draw(x, out / f"{name}.png")
-        except ValueError:      # no valid molecule to draw
-            pass
-    ckpt.write_json(out / "summary.json", {"config": config_dict(cfg), "predictor": report, "models": models,
-                                           "timings": timings})
+    with open_run_tracker(args.report_to, out / "ft", "design", config_dict(cfg)) as tracker:   # records, results
+        ft = finetune(base, obj, lam=cfg.lam, iters=cfg.iters, batch_size=cfg.batch_size, steps=cfg.steps,
+                      n_loss_times=cfg.n_loss_times, lr=cfg.lr, n_offline=cfg.n_offline, seed=cfg.seed,
+                      device=cfg.device, out=out / "ft", resume=args.resume, progress=progress,
+                      report_to=tracker)
+        timings["finetune_s"] = time.perf_counter() - t
+        if not writes():
+            return 0
+        models, seed = {}, cfg.seed + EVAL_SEED_OFFSET
+        for name, model in (("base", base), ("finetuned", ft)):
+            x = design.sample(model, cfg.n_samples, steps=cfg.sample_steps, seed=seed)
+            models[name] = design.evaluate(x, data.train_smiles)
+            design.to_sdf(x, out / f"{name}.sdf")
+            try:
+                design.draw(x, out / f"{name}.png")
+            except ValueError:      # no valid molecule to draw
+                pass
+        ckpt.write_json(out / "summary.json", {"config": config_dict(cfg), "predictor": report, "models": models,
+                                               "timings": timings})
+        track_results(tracker, out / "ft", [(out / f"{n}.png").resolve() for n in models], models)
     cols = [("validity", "valid"), ("uniqueness", "unique"), ("novelty", "novel"), ("atom_stability", "atom st."),
             ("dipole_mean", "dipole"), ("dipole_cvar_left", "CVaR₀.₁ left"), ("dipole_cvar_right", "CVaR₀.₁ right"),
             ("qed_mean", "QED")]

@@ -17,7 +17,7 @@ from ..objectives import CVaR, ExpectedReward
 from ..validation import in_interval, non_negative, one_of, positive, positive_int
 from .flags import (add_config_flags, build, config_dict, config_from, positive_ints, resolve_deprecated,
                     run_folder_flags, with_report_to)
-from .runs import EVAL_SEED_OFFSET, RUN_INFO, load_model, prepare_run, writes
+from .runs import EVAL_SEED_OFFSET, RUN_INFO, load_model, open_run_tracker, prepare_run, track_results, writes
 
 DIGITS_OBJECTIVES = ("expected", "right-cvar", "left-cvar", "fdc-entropy")
 
@@ -102,37 +102,39 @@ def cmd_digits(args) -> int:
     common = dict(iters=cfg.iters, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
                   device=cfg.device, out=out / "ft", resume=args.resume, progress=progress)
     chosen = list(range(10)) if cfg.digit is None else [cfg.digit]
-    if cfg.objective == "fdc-entropy":
-        utility = digits.RewardEntropy(digits.DigitReward(clf, cfg.digit), alpha=cfg.alpha)
-        ft = fdc(digits.bind_digit(base, cfg.digit), utility, lam=cfg.lam, iters_outer=cfg.iters_outer,
-                 n_eval=cfg.per_digit, eval_steps=cfg.eval_steps, n_kl=0, init="copy",
-                 **with_report_to(fdc, args.report_to, common))
-    else:
-        r = digits.DigitReward(clf)
-        obj = ExpectedReward(r) if cfg.objective == "expected" else \
-            CVaR(r, level=cfg.level, tail=cfg.objective.split("-")[0])
-        where = {"prompts": digits.prompts()} if cfg.digit is None else {"cond": digits.one_hot([cfg.digit])}
-        ft = finetune(base, obj, lam=cfg.lam, n_offline=cfg.n_offline, **where,
-                      **with_report_to(finetune, args.report_to, common))
-    timings["finetune_s"] = time.perf_counter() - t
-    if not writes():
-        return 0
-    seed = cfg.seed + EVAL_SEED_OFFSET
-    ev = dict(per_digit=cfg.per_digit, digits=chosen, steps=cfg.eval_steps, seed=seed, n_kl=cfg.n_kl)
-    models = {"base": digits.evaluate(base, clf, **{**ev, "n_kl": 0}),
-              "finetuned": digits.evaluate(ft, clf, base=base, **ev)}
-    models["base"]["kl_path"] = 0.0
-    ckpt.write_json(out / "metrics.json", {"config": config_dict(cfg), "models": models, "timings": timings})
-    ckpt.write_json(out / RUN_INFO, {"command": "digits", "objective": cfg.objective})
-    written = ["metrics.json", "pre/" if args.base_run is None else None, "ft/"]
-    try:
-        xb, _ = digits.sample(base, 8, chosen, cfg.eval_steps, seed)
-        xf, _ = digits.sample(ft, 8, chosen, cfg.eval_steps, seed)
-        digits.plot_grids(out / "before_after.png", {"base": xb, cfg.objective: xf}, ncols=8,
-                          title=f"digits {'0-9' if cfg.digit is None else cfg.digit}: {cfg.objective}, λ = {cfg.lam:g}")
-        written.append("before_after.png")
-    except ImportError as e:
-        print(f"note: skipping before_after.png: {e}", file=sys.stderr)
+    with open_run_tracker(args.report_to, out / "ft", "digits", config_dict(cfg)) as tracker:   # records, results
+        if cfg.objective == "fdc-entropy":
+            utility = digits.RewardEntropy(digits.DigitReward(clf, cfg.digit), alpha=cfg.alpha)
+            ft = fdc(digits.bind_digit(base, cfg.digit), utility, lam=cfg.lam, iters_outer=cfg.iters_outer,
+                     n_eval=cfg.per_digit, eval_steps=cfg.eval_steps, n_kl=0, init="copy",
+                     **with_report_to(fdc, tracker, common))
+        else:
+            r = digits.DigitReward(clf)
+            obj = ExpectedReward(r) if cfg.objective == "expected" else \
+                CVaR(r, level=cfg.level, tail=cfg.objective.split("-")[0])
+            where = {"prompts": digits.prompts()} if cfg.digit is None else {"cond": digits.one_hot([cfg.digit])}
+            ft = finetune(base, obj, lam=cfg.lam, n_offline=cfg.n_offline, **where,
+                          **with_report_to(finetune, tracker, common))
+        timings["finetune_s"] = time.perf_counter() - t
+        if not writes():
+            return 0
+        seed = cfg.seed + EVAL_SEED_OFFSET
+        ev = dict(per_digit=cfg.per_digit, digits=chosen, steps=cfg.eval_steps, seed=seed, n_kl=cfg.n_kl)
+        models = {"base": digits.evaluate(base, clf, **{**ev, "n_kl": 0}),
+                  "finetuned": digits.evaluate(ft, clf, base=base, **ev)}
+        models["base"]["kl_path"] = 0.0
+        ckpt.write_json(out / "metrics.json", {"config": config_dict(cfg), "models": models, "timings": timings})
+        ckpt.write_json(out / RUN_INFO, {"command": "digits", "objective": cfg.objective})
+        written = ["metrics.json", "pre/" if args.base_run is None else None, "ft/"]
+        try:
+            xb, _ = digits.sample(base, 8, chosen, cfg.eval_steps, seed)
+            xf, _ = digits.sample(ft, 8, chosen, cfg.eval_steps, seed)
+            digits.plot_grids(out / "before_after.png", {"base": xb, cfg.objective: xf}, ncols=8,
+                              title=f"digits {'0-9' if cfg.digit is None else cfg.digit}: {cfg.objective}, λ = {cfg.lam:g}")
+            written.append("before_after.png")
+        except ImportError as e:
+            print(f"note: skipping before_after.png: {e}", file=sys.stderr)
+        track_results(tracker, out / "ft", [(out / "before_after.png").resolve()], models)
     print(f"\ndigits {'0-9' if cfg.digit is None else cfg.digit}, {cfg.per_digit} ODE samples per digit; "
           "r = log p_clf(requested digit | x):")
     print_table(models)

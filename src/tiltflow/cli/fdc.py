@@ -13,7 +13,8 @@ from ..methods.finetune import FinetuneConfig
 from ..models.flow_model import FlowModel
 from .flags import (add_config_flags, base_run_flag, build, config_dict, config_from, optional_float,
                     run_folder_flags, with_report_to)
-from .runs import EVAL_SEED_OFFSET, RUN_INFO, load_model, plots, print_config, run_info, writes
+from .runs import (EVAL_SEED_OFFSET, RUN_INFO, load_model, open_run_tracker, plots, print_config, run_info,
+                   track_results, writes)
 
 FDC_UTILITIES = ("entropy", "mean-variance", "cvar", "novelty", "design", "diversity", "expected")
 
@@ -57,26 +58,28 @@ def cmd_fdc(args) -> int:
     utility, divergence = make_utility(args, base), make_divergence(args)
     if args.no_progress:
         print_config("fdc", FDCConfig(**outer))
-    ft = fdc(base, utility, divergence, out=args.out, resume=args.resume, progress=not args.no_progress,
-             **with_report_to(fdc, args.report_to, {**outer, **inner}))
-    if not writes():        # under torchrun only rank 0 writes, prints and plots
-        return 0
-    out = Path(args.out)
-    ckpt.write_json(out / RUN_INFO, {"command": "fdc", "task": run_info(args.run).get("task"),
-                                     "base_run": str(args.run), "utility": args.utility,
-                                     "divergence": args.divergence, "lam": outer["lam"]})
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    print(f"{'outer':>5} {'utility':>10} {'divergence':>11} {'objective':>10} {'KL':>8}")
-    for r in log:
-        cells = [f"{r.get(k):.4f}" if isinstance(r.get(k), float) else "—" for k in ("utility", "divergence", "objective", "kl")]
-        print(f"{r['outer']:>5} {cells[0]:>10} {cells[1]:>11} {cells[2]:>10} {cells[3]:>8}")
-    plots_mod = plots()
-    if plots_mod is not None and len(base.shape) == 1 and base.shape[0] == 2:
-        seed = inner["seed"] + EVAL_SEED_OFFSET
-        plots_mod.plot_samples(out / "before_after.png",
-                               {"base": base.sample(2000, steps=50, seed=seed),
-                                f"FDC ({args.utility})": ft.sample(2000, steps=50, seed=seed)},
-                               title=f"FDC: {utility!r} − {outer['lam']:g}·{divergence!r}")
+    with open_run_tracker(args.report_to, args.out, "fdc", {**outer, **inner}) as tracker:    # records, then figure
+        ft = fdc(base, utility, divergence, out=args.out, resume=args.resume, progress=not args.no_progress,
+                 **with_report_to(fdc, tracker, {**outer, **inner}))
+        if not writes():        # under torchrun only rank 0 writes, prints and plots
+            return 0
+        out = Path(args.out)
+        ckpt.write_json(out / RUN_INFO, {"command": "fdc", "task": run_info(args.run).get("task"),
+                                         "base_run": str(args.run), "utility": args.utility,
+                                         "divergence": args.divergence, "lam": outer["lam"]})
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        print(f"{'outer':>5} {'utility':>10} {'divergence':>11} {'objective':>10} {'KL':>8}")
+        for r in log:
+            cells = [f"{r.get(k):.4f}" if isinstance(r.get(k), float) else "—" for k in ("utility", "divergence", "objective", "kl")]
+            print(f"{r['outer']:>5} {cells[0]:>10} {cells[1]:>11} {cells[2]:>10} {cells[3]:>8}")
+        plots_mod = plots()
+        if plots_mod is not None and len(base.shape) == 1 and base.shape[0] == 2:
+            seed = inner["seed"] + EVAL_SEED_OFFSET
+            plots_mod.plot_samples(out / "before_after.png",
+                                   {"base": base.sample(2000, steps=50, seed=seed),
+                                    f"FDC ({args.utility})": ft.sample(2000, steps=50, seed=seed)},
+                                   title=f"FDC: {utility!r} − {outer['lam']:g}·{divergence!r}")
+        track_results(tracker, out, ["before_after.png"])
     print(f"wrote {args.out}/: model.safetensors, log.jsonl, metrics.json, outer_01/ …, before_after.png")
     return 0
 

@@ -20,7 +20,11 @@ from ..tasks import toy2d
 from .evaluation import EvalConfig, evaluate, exact_tilt, exact_tilt_kl, print_eval_table, print_exact_tilt
 from .flags import (add_config_flags, base_run_flag, build, config_dict, config_from, progress_flags,
                     report_to_flag, with_report_to)
-from .runs import EVAL_SEED_OFFSET, RUN_INFO, load_model, plots, print_config, run_info, writes
+from .runs import (EVAL_SEED_OFFSET, RUN_INFO, load_model, open_run_tracker, plots, print_config, run_info,
+                   track_results, writes)
+
+
+FIGURES = ("before_after.png", "training.png", "reward_hist.png")
 
 
 def make_objective(objective: str, reward, level: float, tail: str, smoothing: float):
@@ -47,52 +51,56 @@ def run_finetune(base_run, out, reward_name: str, objective: str, level: float, 
     task_name = run_info(base_run).get("task")
     if not progress:
         print_config("finetune", FinetuneConfig(**cfg))
-    ft = finetune(base, obj, out=out, resume=resume, progress=progress, **with_report_to(finetune, report_to, cfg))
-    if not writes():
-        return None
+    # one tracker for the run: the library's records, then this evaluation and the figures
+    with open_run_tracker(report_to, out, "finetune", cfg) as tracker:
+        ft = finetune(base, obj, out=out, resume=resume, progress=progress, **with_report_to(finetune, tracker, cfg))
+        if not writes():
+            return None
 
-    out = Path(out)
-    label = "expected reward" if objective == "expected" else f"{tail} CVaR (β = {level:g})"
-    ckpt.write_json(out / RUN_INFO, {"command": "finetune", "task": task_name, "base_run": str(base_run),
-                                     "reward": reward_name, "objective": objective, "level": level,
-                                     "tail": tail, "smoothing": smoothing, "lam": cfg["lam"]})
-    b_stats, xb, rb = evaluate(base, reward, ev, cfg["seed"])
-    f_stats, xf, rf = evaluate(ft, reward, ev, cfg["seed"], base=base)
-    evaluation = {"config": asdict(ev), "seed": cfg["seed"] + EVAL_SEED_OFFSET,
-                  "base": b_stats, "finetuned": f_stats}
-    panels, hists = {"base": xb, f"fine-tuned ({label})": xf}, {"base": rb, "fine-tuned": rf}
-    task = toy2d.get_task(task_name) if task_name else None
-    exact = exact_tilt(task, reward, cfg["lam"]) if objective == "expected" else None
-    if exact is not None:
-        g = torch.Generator().manual_seed(cfg["seed"] + EVAL_SEED_OFFSET)
-        y, y2 = exact.sample(ev.n_eval, generator=g), exact.sample(ev.n_eval, generator=g)
-        ry = reward(y)
-        evaluation["exact_tilt"] = {
-            "energy_distance_finetuned": energy_distance(xf, y),
-            "energy_distance_base": energy_distance(xb, y),
-            "energy_distance_noise_floor": energy_distance(y2, y),
-            "kl": exact_tilt_kl(task, reward, cfg["lam"]),
-            "diversity": mean_pairwise_distance(y[:2000]),
-            **{f"reward_{k}": v for k, v in reward_summary(ry.float()).items()},
-        }
-        panels["exact tilt"] = y
-        hists["exact tilt"] = ry
+        out = Path(out)
+        label = "expected reward" if objective == "expected" else f"{tail} CVaR (β = {level:g})"
+        ckpt.write_json(out / RUN_INFO, {"command": "finetune", "task": task_name, "base_run": str(base_run),
+                                         "reward": reward_name, "objective": objective, "level": level,
+                                         "tail": tail, "smoothing": smoothing, "lam": cfg["lam"]})
+        b_stats, xb, rb = evaluate(base, reward, ev, cfg["seed"])
+        f_stats, xf, rf = evaluate(ft, reward, ev, cfg["seed"], base=base)
+        evaluation = {"config": asdict(ev), "seed": cfg["seed"] + EVAL_SEED_OFFSET,
+                      "base": b_stats, "finetuned": f_stats}
+        panels, hists = {"base": xb, f"fine-tuned ({label})": xf}, {"base": rb, "fine-tuned": rf}
+        task = toy2d.get_task(task_name) if task_name else None
+        exact = exact_tilt(task, reward, cfg["lam"]) if objective == "expected" else None
+        if exact is not None:
+            g = torch.Generator().manual_seed(cfg["seed"] + EVAL_SEED_OFFSET)
+            y, y2 = exact.sample(ev.n_eval, generator=g), exact.sample(ev.n_eval, generator=g)
+            ry = reward(y)
+            evaluation["exact_tilt"] = {
+                "energy_distance_finetuned": energy_distance(xf, y),
+                "energy_distance_base": energy_distance(xb, y),
+                "energy_distance_noise_floor": energy_distance(y2, y),
+                "kl": exact_tilt_kl(task, reward, cfg["lam"]),
+                "diversity": mean_pairwise_distance(y[:2000]),
+                **{f"reward_{k}": v for k, v in reward_summary(ry.float()).items()},
+            }
+            panels["exact tilt"] = y
+            hists["exact tilt"] = ry
 
-    metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    metrics["evaluation"] = evaluation
-    ckpt.write_json(metrics_path, metrics)
+        metrics_path = out / "metrics.json"
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+        metrics["evaluation"] = evaluation
+        ckpt.write_json(metrics_path, metrics)
 
-    plots_mod = plots()
-    if plots_mod is not None:
-        title = f"{reward!r}, {label}, λ = {cfg['lam']:g}"
-        plots_mod.plot_samples(out / "before_after.png", panels, title=title, density=reward)
-        plots_mod.plot_training(out / "training.png", out / "log.jsonl", title=f"Adjoint Matching: {label}")
-        plots_mod.plot_reward_hist(out / "reward_hist.png", hists, level=level if objective == "cvar" else 0.1)
-    samples = {"base": (xb, rb), "finetuned": (xf, rf)}
-    if exact is not None:
-        samples["exact tilt"] = (y, ry)
-    return {**evaluation, "_samples": samples}
+        plots_mod = plots()
+        if plots_mod is not None:
+            title = f"{reward!r}, {label}, λ = {cfg['lam']:g}"
+            plots_mod.plot_samples(out / "before_after.png", panels, title=title, density=reward)
+            plots_mod.plot_training(out / "training.png", out / "log.jsonl", title=f"Adjoint Matching: {label}")
+            plots_mod.plot_reward_hist(out / "reward_hist.png", hists, level=level if objective == "cvar" else 0.1)
+        samples = {"base": (xb, rb), "finetuned": (xf, rf)}
+        if exact is not None:
+            samples["exact tilt"] = (y, ry)
+        track_results(tracker, out, FIGURES,
+                      {k: evaluation[k] for k in ("base", "finetuned", "exact_tilt") if k in evaluation})
+        return {**evaluation, "_samples": samples}
 
 
 def finetune_flags(s, no_defaults: bool = False) -> None:

@@ -11,7 +11,8 @@ from .. import checkpoint as ckpt
 from ..methods import gft as gft_mod
 from ..methods.gft import GFTConfig, gradual_finetune
 from .flags import add_config_flags, base_run_flag, build, config_dict, config_from, run_folder_flags, with_report_to
-from .runs import EVAL_SEED_OFFSET, RUN_INFO, load_model, plots, print_config, run_info, writes
+from .runs import (EVAL_SEED_OFFSET, RUN_INFO, load_model, open_run_tracker, plots, print_config, run_info,
+                   track_results, writes)
 
 
 def load_samples(path) -> torch.Tensor:
@@ -53,23 +54,26 @@ def cmd_gft(args) -> int:
     progress = not args.no_progress
     if not progress:
         print_config("gft", GFTConfig(**cfg))
-    ft = gradual_finetune(base, target, out=args.out, progress=progress, resume=args.resume,
-                          **with_report_to(gradual_finetune, args.report_to, cfg))
-    if not writes():
-        return 0
-    out = Path(args.out)
-    ckpt.write_json(out / RUN_INFO, {"command": "gft", "base_run": str(args.run), "target": str(args.target),
-                                     "task": run_info(args.run).get("task")})
-    metrics = json.loads((out / "metrics.json").read_text())
-    plots_mod = plots()
-    if plots_mod is not None and len(ft.shape) == 1 and ft.shape[0] == 2:
-        seed = cfg["seed"] + EVAL_SEED_OFFSET
-        sde = cfg["flow"] == "stochastic"
-        plots_mod.plot_samples(out / "samples.png",
-                               {"pretrained": base.sample(2000, steps=50, sde=sde, seed=seed),
-                                "target samples": target[:2000].float(),
-                                "GFT": ft.sample(2000, steps=50, sde=sde, seed=seed)},
-                               title=f"gradual fine-tuning ({cfg['variant']}, {cfg['coupling']} coupling)")
+    with open_run_tracker(args.report_to, args.out, "gft", cfg) as tracker:     # the run's records, then its figure
+        ft = gradual_finetune(base, target, out=args.out, progress=progress, resume=args.resume,
+                              **with_report_to(gradual_finetune, tracker, cfg))
+        if not writes():
+            return 0
+        out = Path(args.out)
+        ckpt.write_json(out / RUN_INFO, {"command": "gft", "base_run": str(args.run), "target": str(args.target),
+                                         "task": run_info(args.run).get("task")})
+        metrics = json.loads((out / "metrics.json").read_text())
+        plots_mod = plots()
+        if plots_mod is not None and len(ft.shape) == 1 and ft.shape[0] == 2:
+            seed = cfg["seed"] + EVAL_SEED_OFFSET
+            sde = cfg["flow"] == "stochastic"
+            plots_mod.plot_samples(out / "samples.png",
+                                   {"pretrained": base.sample(2000, steps=50, sde=sde, seed=seed),
+                                    "target samples": target[:2000].float(),
+                                    "GFT": ft.sample(2000, steps=50, sde=sde, seed=seed)},
+                                   title=f"gradual fine-tuning ({cfg['variant']}, {cfg['coupling']} coupling)")
+        track_results(tracker, args.out, ["samples.png"],
+                      {k: v for k, v in metrics.items() if k.startswith(("energy_distance", "straightness"))})
     print(f"energy distance to the target samples: GFT {metrics['energy_distance']:.4f}, "
           f"pretrained {metrics['energy_distance_pretrained']:.4f}; straightness {metrics['straightness']:.4f}")
     print(f"wrote {args.out}/: model.safetensors, metrics.json, log.jsonl" + (", samples.png" if plots_mod else ""))

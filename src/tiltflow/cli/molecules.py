@@ -14,7 +14,7 @@ from ..validation import in_interval, one_of, positive, positive_int
 from .finetune import make_objective
 from .flags import (add_config_flags, build, config_dict, config_from, positive_ints, resolve_deprecated,
                     run_folder_flags)
-from .runs import EVAL_SEED_OFFSET, prepare_run, writes
+from .runs import EVAL_SEED_OFFSET, open_run_tracker, prepare_run, track_results, writes
 
 
 @dataclass
@@ -83,23 +83,25 @@ def cmd_molecules(args) -> int:
     timings = {"pretrain_s": time.perf_counter() - t}
     t = time.perf_counter()
     # init="copy": a residual MLP on top of the EGNN would break E(3) equivariance
-    ft = finetune(base, obj, lam=cfg.lam, iters=cfg.iters, batch_size=cfg.batch_size, steps=cfg.steps,
-                  lr=cfg.lr, init="copy", n_offline=cfg.n_offline, seed=cfg.seed, device=cfg.device,
-                  out=out / "ft", resume=args.resume, progress=progress, report_to=args.report_to)
-    timings["finetune_s"] = time.perf_counter() - t
-    if not writes():
-        return 0
-    label = "finetuned"
-    models, seed = {"data": task.evaluate(task.data[: cfg.n_samples])}, cfg.seed + EVAL_SEED_OFFSET
-    written = []
-    for name, model in (("base", base), (label, ft)):
-        x = model.sample(cfg.n_samples, steps=cfg.sample_steps, seed=seed).cpu()
-        drawn = float(task.handedness(x).double().mean()) if task.graph.chiral else None
-        x = task.mirror_to_reference(x)     # a chiral molecule's wrong-handed draws, mirrored
-        models[name] = {**task.evaluate(x), "handedness_share_drawn": drawn}
-        written.append(task.write_sdf(x, out / f"{name}.sdf").name)
-    ckpt.write_json(out / "summary.json", {"config": config_dict(cfg), "molecule": task.name,
-                                           "atoms": task.n_atoms, "models": models, "timings": timings})
+    with open_run_tracker(args.report_to, out / "ft", "molecules", config_dict(cfg)) as tracker:   # records, results
+        ft = finetune(base, obj, lam=cfg.lam, iters=cfg.iters, batch_size=cfg.batch_size, steps=cfg.steps,
+                      lr=cfg.lr, init="copy", n_offline=cfg.n_offline, seed=cfg.seed, device=cfg.device,
+                      out=out / "ft", resume=args.resume, progress=progress, report_to=tracker)
+        timings["finetune_s"] = time.perf_counter() - t
+        if not writes():
+            return 0
+        label = "finetuned"
+        models, seed = {"data": task.evaluate(task.data[: cfg.n_samples])}, cfg.seed + EVAL_SEED_OFFSET
+        written = []
+        for name, model in (("base", base), (label, ft)):
+            x = model.sample(cfg.n_samples, steps=cfg.sample_steps, seed=seed).cpu()
+            drawn = float(task.handedness(x).double().mean()) if task.graph.chiral else None
+            x = task.mirror_to_reference(x)     # a chiral molecule's wrong-handed draws, mirrored
+            models[name] = {**task.evaluate(x), "handedness_share_drawn": drawn}
+            written.append(task.write_sdf(x, out / f"{name}.sdf").name)
+        ckpt.write_json(out / "summary.json", {"config": config_dict(cfg), "molecule": task.name,
+                                               "atoms": task.n_atoms, "models": models, "timings": timings})
+        track_results(tracker, out / "ft", [], models)
     print(f"\n{task.name}, {cfg.n_samples} ODE samples per model (energies in kcal/mol):")
     cols = [("energy_q50", "median E"), ("reward_cvar_left_0.1", "worst-10% E"), ("rate_valid", "valid"),
             ("diversity_rmsd", "RMSD (Å)")]

@@ -11,7 +11,7 @@ from ..methods.pretrain import PretrainConfig, pretrain
 from ..models.flow_model import FlowModel
 from ..tasks import toy2d
 from .flags import add_config_flags, build, config_dict, config_from, run_folder_flags, with_report_to
-from .runs import EVAL_SEED_OFFSET, RUN_INFO, plots, print_config, writes
+from .runs import EVAL_SEED_OFFSET, RUN_INFO, open_run_tracker, plots, print_config, track_results, writes
 
 
 def run_pretrain(task_name: str, out, cfg: dict, resume: bool, progress: bool, report_to: str = "none") -> FlowModel:
@@ -20,18 +20,20 @@ def run_pretrain(task_name: str, out, cfg: dict, resume: bool, progress: bool, r
     task = toy2d.get_task(task_name)
     if not progress:
         print_config("pretrain", PretrainConfig(**cfg))
-    model = pretrain(task, out=out, resume=resume, progress=progress, **with_report_to(pretrain, report_to, cfg))
-    if not writes():
-        return model
-    out = Path(out)
-    ckpt.write_json(out / RUN_INFO, {"command": "pretrain", "task": task_name})
-    plots_mod = plots()
-    if plots_mod is not None:
-        g = torch.Generator().manual_seed(cfg["seed"] + EVAL_SEED_OFFSET)
-        plots_mod.plot_samples(out / "samples.png",
-                               {"data": task.sample(2000, generator=g),
-                                "model": model.sample(2000, steps=50, seed=cfg["seed"] + EVAL_SEED_OFFSET)},
-                               title=f"pretrained on {task_name}")
+    with open_run_tracker(report_to, out, "pretrain", cfg) as tracker:     # the run's records, then its figure
+        model = pretrain(task, out=out, resume=resume, progress=progress, **with_report_to(pretrain, tracker, cfg))
+        if not writes():
+            return model
+        out = Path(out)
+        ckpt.write_json(out / RUN_INFO, {"command": "pretrain", "task": task_name})
+        plots_mod = plots()
+        if plots_mod is not None:
+            g = torch.Generator().manual_seed(cfg["seed"] + EVAL_SEED_OFFSET)
+            plots_mod.plot_samples(out / "samples.png",
+                                   {"data": task.sample(2000, generator=g),
+                                    "model": model.sample(2000, steps=50, seed=cfg["seed"] + EVAL_SEED_OFFSET)},
+                                   title=f"pretrained on {task_name}")
+        track_results(tracker, out, ["samples.png"])
     return model
 
 

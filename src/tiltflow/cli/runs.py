@@ -3,6 +3,11 @@ run was made with (cli.json), optional plots, and the rank that may write.
 
 Under torchrun every rank trains, and only rank 0 writes files (run folders, samples, plots,
 JSON) and prints tables: `writes()` is the one test each command makes before it writes.
+
+Tracking (--report-to). A command opens the run's tracker itself (`open_run_tracker`) and hands
+it to the library call, which logs its records to it and leaves it open; the command then adds
+its evaluation and the figures it draws (`track_results`) to the same TensorBoard folder or W&B
+run, and closes it.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import torch
 from .. import checkpoint as ckpt
 from .. import distributed
 from ..models.flow_model import FlowModel
+from ..tracking import Tracker
+from ..training import read_log
 
 EXIT_USER_ERROR = 2
 EVAL_SEED_OFFSET = 1000     # evaluation samples never share a stream with training
@@ -81,3 +88,25 @@ def prepare_run(out, config: dict, resume: bool, resumable_keys) -> None:
         raise error
     if bool(refused.any()):
         raise ValueError(f"rank 0 refused the run folder {str(out)!r} (see its message)")
+
+
+def open_run_tracker(report_to: str, out, name: str, config: dict | None = None) -> Tracker:
+    """The tracker of run folder `out` for a command (rank 0 writes; a no-op one for "none")."""
+    return Tracker(report_to, out, name, config, enabled=writes())
+
+
+def track_results(tracker: Tracker, out, figures=(), scalars: dict | None = None, step: int | None = None) -> None:
+    """The command's evaluation (numeric scalars of `scalars`, under "eval/...") and the PNG files
+    `figures` (paths in run folder `out`, or absolute) that exist (tag: the file's stem) into `tracker` at `step`
+    (default: the last logged step of the run, the "iter" or "outer" of its last log.jsonl record)."""
+    if not tracker.active:
+        return
+    if step is None:
+        records = read_log(Path(out) / "log.jsonl")
+        step = int(records[-1].get("iter", records[-1].get("outer", 0))) if records else 0
+    if scalars:
+        tracker.log({"eval": scalars}, step)
+    for name in figures:
+        path = Path(out) / name
+        if path.is_file():
+            tracker.log_figure(Path(name).stem, path, step)

@@ -14,7 +14,7 @@ from ..methods.sample_energy import EnergyConfig, sample_energy
 from ..metrics import energy_distance
 from ..validation import positive_int
 from .flags import add_config_flags, build, config_dict, merge, run_folder_flags, with_report_to
-from .runs import EVAL_SEED_OFFSET, RUN_INFO, plots, print_config, writes
+from .runs import EVAL_SEED_OFFSET, RUN_INFO, open_run_tracker, plots, print_config, track_results, writes
 
 
 def cmd_sample_energy(args) -> int:
@@ -29,39 +29,41 @@ def cmd_sample_energy(args) -> int:
     if not progress:
         print_config("sample-energy", EnergyConfig(**cfg))
     t0 = time.perf_counter()
-    sampler = sample_energy(energy, energy.dim, out=args.out, resume=args.resume, progress=progress,
-                            **with_report_to(sample_energy, args.report_to, cfg))
-    train_s = time.perf_counter() - t0
-    if not writes():   # under torchrun only rank 0 evaluates, writes and plots
-        return 0
-    out, seed = Path(args.out), cfg["seed"] + EVAL_SEED_OFFSET
-    x = sampler.sample(args.n_samples, seed=seed).cpu()
-    import numpy as np
-    np.save(out / "samples.npy", x.numpy(), allow_pickle=False)
-    pw = sampler.log_Z(args.n_eval, seed=seed + 1)
-    with torch.no_grad():
-        e = energy(x.double())
-    metrics = {"energy": args.energy, "dim": energy.dim, "n_samples": args.n_samples,
-               "energy_mean": float(e.mean()), "energy_median": float(e.median()),
-               "crooks": pw.summary(), "log_Z": pw.log_Z, "ess_fraction": pw.ess_fraction,
-               "log_Z_exact": energy.log_Z, "train_s_this_call": train_s}
-    if energy.log_Z is not None:
-        metrics["log_Z_error"] = pw.log_Z - energy.log_Z
-    y = None
-    if hasattr(energy, "sample"):   # exact samples exist (gmm40, manywell)
-        g = torch.Generator().manual_seed(seed)
-        y, y2 = energy.sample(args.n_samples, g), energy.sample(args.n_samples, g)
-        metrics["energy_distance_to_exact"] = energy_distance(x[:2000], y[:2000])
-        metrics["energy_distance_noise_floor"] = energy_distance(y2[:2000], y[:2000])
-    ckpt.write_json(out / "metrics.json", metrics)
-    ckpt.write_json(out / RUN_INFO, {"command": "sample-energy", "energy": args.energy})
-    written = ["model.safetensors", "samples.npy", "metrics.json", "log.jsonl"]
-    plots_mod = plots() if energy.dim == 2 else None
-    if plots_mod is not None:
-        panels = {"sampler": x} if y is None else {"exact": y, "sampler": x}
-        plots_mod.plot_samples(out / "samples.png", panels, title=f"{args.energy}: Adjoint Sampling",
-                               density=lambda z: -energy(z), density_label="−E")
-        written.append("samples.png")
+    with open_run_tracker(args.report_to, args.out, "sample_energy", cfg) as tracker:   # records, then results
+        sampler = sample_energy(energy, energy.dim, out=args.out, resume=args.resume, progress=progress,
+                                **with_report_to(sample_energy, tracker, cfg))
+        train_s = time.perf_counter() - t0
+        if not writes():   # under torchrun only rank 0 evaluates, writes and plots
+            return 0
+        out, seed = Path(args.out), cfg["seed"] + EVAL_SEED_OFFSET
+        x = sampler.sample(args.n_samples, seed=seed).cpu()
+        import numpy as np
+        np.save(out / "samples.npy", x.numpy(), allow_pickle=False)
+        pw = sampler.log_Z(args.n_eval, seed=seed + 1)
+        with torch.no_grad():
+            e = energy(x.double())
+        metrics = {"energy": args.energy, "dim": energy.dim, "n_samples": args.n_samples,
+                   "energy_mean": float(e.mean()), "energy_median": float(e.median()),
+                   "crooks": pw.summary(), "log_Z": pw.log_Z, "ess_fraction": pw.ess_fraction,
+                   "log_Z_exact": energy.log_Z, "train_s_this_call": train_s}
+        if energy.log_Z is not None:
+            metrics["log_Z_error"] = pw.log_Z - energy.log_Z
+        y = None
+        if hasattr(energy, "sample"):   # exact samples exist (gmm40, manywell)
+            g = torch.Generator().manual_seed(seed)
+            y, y2 = energy.sample(args.n_samples, g), energy.sample(args.n_samples, g)
+            metrics["energy_distance_to_exact"] = energy_distance(x[:2000], y[:2000])
+            metrics["energy_distance_noise_floor"] = energy_distance(y2[:2000], y[:2000])
+        ckpt.write_json(out / "metrics.json", metrics)
+        ckpt.write_json(out / RUN_INFO, {"command": "sample-energy", "energy": args.energy})
+        written = ["model.safetensors", "samples.npy", "metrics.json", "log.jsonl"]
+        plots_mod = plots() if energy.dim == 2 else None
+        if plots_mod is not None:
+            panels = {"sampler": x} if y is None else {"exact": y, "sampler": x}
+            plots_mod.plot_samples(out / "samples.png", panels, title=f"{args.energy}: Adjoint Sampling",
+                                   density=lambda z: -energy(z), density_label="−E")
+            written.append("samples.png")
+        track_results(tracker, out, ["samples.png"], {k: v for k, v in metrics.items() if k != "crooks"})
     print(f"log Z (Crooks, {args.n_eval} paths) {pw.log_Z:.4f}" +
           (f" (exact {energy.log_Z:.4f})" if energy.log_Z is not None else "") +
           f"; ESS {pw.ess:.0f} ({100 * pw.ess_fraction:.1f} %); median energy {metrics['energy_median']:.3f}")

@@ -65,7 +65,7 @@ from .. import checkpoint as ckpt
 from .. import distributed as dist
 from ..divergences import KL, log_ratio
 from ..models.flow_model import FlowModel
-from ..tracking import REPORT_TO, Tracker, get_logger
+from ..tracking import REPORT_TO, Tracker, get_logger, tracked
 from ..utilities import as_utility, model_score
 from ..validation import one_of
 from .. import validation as val
@@ -311,7 +311,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     out / resume: run folder and continuation (module docstring). callback(k, record) after
     each outer iteration's evaluation. report_to: "none", "tensorboard" or "wandb": each outer
     iteration's record (the log.jsonl line) is also sent there, at step k, by rank 0 (tracking.Tracker;
-    the inner runs are not tracked). Returns the last iterate p_K (the input is untouched).
+    the inner runs are not tracked); or an open Tracker, which fdc logs to and leaves open.
+    Returns the last iterate p_K (the input is untouched).
     """
     if not isinstance(model, FlowModel):
         raise ValueError(f"model must be a tiltflow FlowModel, got {type(model).__name__}")
@@ -336,7 +337,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         kwargs = {**{k: v for k, v in asdict(inner_config).items() if k != "lam"}, **kwargs}
     elif inner_config is not None:
         raise ValueError(f"inner_config must be a FinetuneConfig, got {type(inner_config).__name__}")
-    one_of(report_to, "report_to", REPORT_TO)
+    if not isinstance(report_to, Tracker):
+        one_of(report_to, "report_to", REPORT_TO)
     if cfg.density == "tilts" and float(getattr(utility, "curvature", 0.0)) > 0 and getattr(
             divergence, "needs_samples", False) and cfg.lam > 0:
         raise ValueError(f"density='tilts' cannot give {divergence!r} the log-ratio of an iterate tilted by "
@@ -442,7 +444,7 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
                               reference)
 
     # rank 0 tracks the log.jsonl records; closed however the loop ends
-    with Tracker(report_to, run_dir=run, name=run.name if run is not None else "fdc", config=config_record,
+    with tracked(report_to, run_dir=run, name=run.name if run is not None else "fdc", config=config_record,
                  enabled=main) as tracker:
         if start > 0:
             current = FlowModel.load(run / f"outer_{start:02d}" / "model.safetensors", device=device)

@@ -390,7 +390,7 @@ def _summary(parts, raw_reward, r_cond, micro: int, t0: float) -> tuple[dict, di
 def finetune(model: FlowModel, objective, lam: float | None = None, iters: int | None = None, *,
              config: FinetuneConfig | None = None, out=None, resume: bool = False, progress: bool = True,
              trainable: Callable | None = None, cond=None, prompts=None, callback: Callable | None = None,
-             report_to: str = "none", **kwargs) -> FlowModel:
+             report_to="none", **kwargs) -> FlowModel:
     """Fine-tune `model` toward p* ∝ p_model · exp(g/λ); returns a new FlowModel (base untouched).
 
     objective: an objective (ExpectedReward, CVaR, ...) or a plain reward callable r(x, cond) -> (batch,).
@@ -398,7 +398,7 @@ def finetune(model: FlowModel, objective, lam: float | None = None, iters: int |
     device, ...) set on `config` (a FinetuneConfig; default: FinetuneConfig()).
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
     resume: continue from the newest valid checkpoint in `out`. report_to: "none", "tensorboard"
-    or "wandb" (the log.jsonl records, on rank 0).
+    or "wandb" (the log.jsonl records, on rank 0), or an open tracking.Tracker, left open.
     trainable: optional filter (name, parameter) -> bool choosing which parameters train (the
     others are frozen: no gradient memory).
     cond: one condition for every sample; prompts: instead, a list of per-prompt conditions (or one

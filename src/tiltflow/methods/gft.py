@@ -380,7 +380,7 @@ def _coupling(coupling: str, variant: str) -> str:
 def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[float] | None = None,
                      coupling: str | None = None, variant: str | None = None, *, config: GFTConfig | None = None,
                      out=None, resume: bool = False, progress: bool = True, callback: Callable | None = None,
-                     report_to: str = "none", **kwargs) -> FlowModel:
+                     report_to="none", **kwargs) -> FlowModel:
     """Fine-tune `model` toward the distribution of `target_samples` by Gradual Fine-Tuning.
 
     model: a pretrained FlowModel (left untouched). target_samples: tensor or array (n, *model.shape).
@@ -394,7 +394,7 @@ def gradual_finetune(model: FlowModel, target_samples, schedule: str | Sequence[
       iters_per_stage, flow, lr, ...) set on `config` (a GFTConfig; default: GFTConfig()).
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
       resume=True continues from its newest valid checkpoint. report_to: "none", "tensorboard" or
-      "wandb" (the log.jsonl records, rank 0).
+      "wandb" (the log.jsonl records, rank 0), or an open tracking.Tracker, left open.
     callback(iter, record) is called after each logged record.
     batch_size is the global batch; grad_accum splits each process's share into micro-batches.
     Under torchrun every process trains the same model on its shard; only rank 0 writes `out`.

@@ -268,7 +268,7 @@ def _minibatch(data: _Data, cfg: PretrainConfig, n: int, gen: torch.Generator, d
 
 def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = None, network="mlp",
              hidden=None, path=None, cond=None, out=None, resume: bool = False, progress: bool = True,
-             callback: Callable | None = None, report_to: str = "none", n_eval: int = N_EVAL,
+             callback: Callable | None = None, report_to="none", n_eval: int = N_EVAL,
              steps: int | None = None, model=None, **kwargs) -> FlowModel:
     """Train a FlowModel on `data` by conditional flow matching.
 
@@ -290,7 +290,8 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
     path: "rectified", "vp", an AffinePath, or its config dict (default: the config's, "rectified").
     out: run folder (config.json, log.jsonl, metrics.json, model.safetensors, checkpoints/);
       resume=True continues from its newest valid checkpoint (iters may be raised to train longer).
-    report_to: "none", "tensorboard" or "wandb" (the log.jsonl records, rank 0).
+    report_to: "none", "tensorboard" or "wandb" (the log.jsonl records, rank 0), or an open
+      tracking.Tracker, left open.
     n_eval: model samples (and data rows) of the energy distance in metrics.json (0: none; it costs
       n_eval ODE samples of 50 steps, much for a large network).
     callback(iter, record) after each logged record (every 50 iterations and the last).

@@ -225,7 +225,7 @@ def _energy_grad(energy, x, clip):
 
 def sample_energy(energy: Callable, dim: int, *, config: EnergyConfig | None = None, project: Callable | None = None,
                   out=None, resume: bool = False, progress: bool = True, callback: Callable | None = None,
-                  report_to: str = "none", **kwargs) -> EnergySampler:
+                  report_to="none", **kwargs) -> EnergySampler:
     """Train a sampler for exp(−energy(x)), x: (batch, dim); returns an EnergySampler.
 
     energy: callable (batch, dim) -> (batch,), differentiable. project: map onto the subspace the
@@ -235,7 +235,8 @@ def sample_energy(energy: Callable, dim: int, *, config: EnergyConfig | None = N
     iters_per_rollout), batches_per_epoch (iters_per_rollout), samples_per_epoch (samples_per_rollout).
     out: run folder (config.json, log.jsonl with one record per rollout, checkpoints/, model.safetensors);
     resume: continue from its newest valid checkpoint (the energy's `name` and every setting but
-    `iters` must match). report_to: "none", "tensorboard" or "wandb" (the log.jsonl records, rank 0).
+    `iters` must match). report_to: "none", "tensorboard" or "wandb" (the log.jsonl records, rank 0),
+    or an open tracking.Tracker, left open.
     callback(iter, record) after every rollout's iterations.
     """
     if not callable(energy):
