@@ -100,6 +100,11 @@ class Renyi:
     above the cap): the unclipped reward λ·α/(1 − α)·w is unbounded where p_k ≪ p_pre, and the
     FDC code's capped weight times the full ∇log(p/q) is an outward force growing with ‖x‖ (it
     ran the mean-variance + Rényi-½ benchmark away to KL 6·10⁹ at outer step 2).
+
+    For α < 1 the divergence does not hold far mass back: p ≥ ε·q gives D_α ≤ α/(1 − α)·log(1/ε)
+    however far the rest of p lies, so F − λD_α can be unbounded (mean-variance: mass 1 − R⁻² at
+    r = R scores ≈ R − 2 log R); FDC then climbs to a local maximum at best. ``best_response``
+    solves the step with D kept exact (a tilt of q by a bounded reward).
     """
 
     needs_samples = True
@@ -140,6 +145,49 @@ class Renyi:
             w_grad = w
         grad = self.alpha * w_grad.reshape(-1, *([1] * (x.ndim - 1))).to(grad) * grad
         return value_with_grad(x, self.alpha / (self.alpha - 1) * w, grad)
+
+    def best_response(self, u: Tensor, lam: float, log_weights: Tensor | None = None,
+                      sup_u: float | None = None) -> float:
+        """The level c of p* = argmax_p E_p[u] − λ·D_α(p‖q) for α < 1; a float.
+
+        p* = q·(c − u)^{−β}/E_q[(c − u)^{−β}], β = 1/(1 − α): the tilt of q by the reward
+        −β·log(c − u) at KL weight 1, with p*/q ≤ (c − sup u)^{−β}/E_q[…] bounded. The first-order
+        condition u + λ·α/(1 − α)·w = c (w as in first_variation) holds iff c > sup u solves
+        E_q[(c − u)^{−β}] = (1 − α)/(λα)·E_q[(c − u)^{−αβ}]  (bisection on log(c − sup u)).
+        With u = δF/δp(p_k) this is the outer step that linearises F only (for KL it is the tilt
+        of q by u/λ, FDC's full step 1/λ).
+
+        u: (n,) values at points of q: samples (log_weights None) or quadrature nodes with
+        log_weights = log(q·Δx), (n,). sup_u: sup of u on q's support (default: u.max(), right
+        when the points reach the sup, as samples do).
+        """
+        if self.alpha > 1:
+            raise ValueError(f"best_response needs alpha < 1 (for alpha > 1 the maximiser vanishes where "
+                             f"u < c: no tilt), got alpha={self.alpha:g}")
+        lam, beta = positive(lam, "lam"), 1.0 / (1.0 - self.alpha)
+        u = u.detach().double().reshape(-1)
+        lw = (torch.full_like(u, -math.log(u.numel())) if log_weights is None
+              else log_weights.detach().double().reshape(-1))
+        top = float(u.max()) if sup_u is None else float(sup_u)
+        if top < float(u.max()):
+            raise ValueError(f"sup_u must be >= max(u) = {float(u.max()):g}, got {top:g}")
+        target = math.log((1 - self.alpha) / (lam * self.alpha))
+        below = top - u           # ≥ 0; c − u = below + (c − sup u), no cancellation near the sup
+
+        def excess(log_gap):     # log E_q[(c−u)^{−β}] − log E_q[(c−u)^{−αβ}] − target, decreasing in c
+            log_cu = torch.log(below + math.exp(log_gap))
+            return float(torch.logsumexp(lw - beta * log_cu, 0)
+                         - torch.logsumexp(lw - self.alpha * beta * log_cu, 0)) - target
+
+        scale = max(1.0, float(u.max() - u.min()))
+        lo, hi = math.log(scale) - 40.0, math.log(scale) + 20.0 + max(0.0, -target)
+        if excess(lo) <= 0:
+            raise ValueError("best_response: no level c > sup u solves the first-order condition (the maximiser "
+                             "has an atom at argmax u); pass more points near the sup or a smaller sup_u")
+        for _ in range(80):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if excess(mid) > 0 else (lo, mid)
+        return top + math.exp(0.5 * (lo + hi))
 
     def __repr__(self) -> str:
         return f"Renyi(alpha={self.alpha:g}, eps={self.eps:g})"
