@@ -6,7 +6,8 @@ test), r(x) = x₁ + x₂ for the reward-based utilities. Each utility runs `fdc
 the base (and mean-variance also with W2² optimal transport):
 
   entropy H(p) (λ = 1; optimum p_base^{1/2}) · mean-variance E r − ½·Var r (λ = 1) ·
-  left CVaR_0.1 of r, risk-averse (λ = 1; also the one-shot TFFT result, tiltflow.CVaR) ·
+  left CVaR_0.1 of r, risk-averse (λ = 1; also the one-shot TFFT result, tiltflow.CVaR, scored by the
+  same CVaR − λ·KL, and the optimum and FDC's exact path by quadrature on the law of r) ·
   novelty −E log q_ref, q_ref a KDE (h = 1.5) of base samples (λ = 1) · kernel diversity
   −E k(x, x') (h = 1, λ = 0.5, step 1) · D-optimal design log det E xxᵀ (λ = 4, step 1/8).
 
@@ -42,7 +43,9 @@ import _common  # noqa: E402
 import tiltflow as tilt  # noqa: E402
 from tiltflow import plots  # noqa: E402
 from tiltflow.methods import fdc as fdc_module  # noqa: E402
+from tiltflow.divergences import log_ratio  # noqa: E402
 from tiltflow.metrics import cvar  # noqa: E402
+from tiltflow.objectives import cvar_pseudo_reward  # noqa: E402
 from tiltflow.models import analytic  # noqa: E402
 
 NAME = "fdc_utilities"
@@ -78,6 +81,118 @@ def base_model():
     mix = tilt.toy2d.GaussianMixture.isotropic(weights=(10.0, 1.0), means=((0.0, 0.0), (3.0, 3.0)),
                                                stds=(1.0, 0.3))
     return tilt.FlowModel(tilt.GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
+
+
+def renyi_reference(base, utility, divergence, lam, K, gamma) -> dict:
+    """Mean-variance + λ·Rényi-α (α < 1) by quadrature on the law of r = aᵀx under the mixture base,
+    q_r = Σ w_i N(aᵀμ_i, aᵀΣ_i a): F, D_α and the tilts see x only through r (data processing is an
+    equality for p = q·h(r)), so these 1-D numbers are the 2-D ones.
+
+    objective_optimum: the local maximum next to the minor mode, the fixed point m = E_p r of the step
+    that keeps D exact, p ← argmax ⟨r − κ(r − m)², p⟩ − λ·D_α(p‖q) (Renyi.best_response), from the base.
+    No global maximum exists (Renyi docstring): objective_unbounded_example is (1 − ε)·N(R, ¼) + ε·q_r,
+    ε = R⁻². objective_exact_tilts_per_outer: this row's mirror steps (γ, capped weight) with exact tilts.
+    """
+    net, a = base.net, utility.reward.a.double()
+    mean, var = net.means.double() @ a, torch.einsum("i,kij,j->k", a, net.covs.double(), a)
+    r = torch.linspace(-25.0, 35.0, 24001, dtype=torch.float64)
+    kappa, alpha, cap = utility.kappa, divergence.alpha, divergence.max_log_weight
+
+    def normed(log_p):     # node masses
+        return log_p - torch.logsumexp(log_p, 0)
+
+    log_q = normed(torch.logsumexp(net.weights.double().log()[:, None] - (r - mean[:, None]) ** 2 / (2 * var[:, None])
+                                   - 0.5 * var[:, None].log(), 0))
+
+    def scores(log_p):     # F, D_α, F − λD_α, KL(p‖q), E r
+        p = log_p.exp()
+        m = (p * r).sum()
+        d = torch.logsumexp(alpha * log_p + (1 - alpha) * log_q, 0) / (alpha - 1)
+        f = m - kappa * (p * (r - m) ** 2).sum()
+        return [float(v) for v in (f, d, f - lam * d, (p * (log_p - log_q)).sum(), m)]
+
+    m = float((log_q.exp() * r).sum())
+    for _ in range(500):   # contracts by ~0.5 per step near the fixed point
+        u = r - kappa * (r - m) ** 2
+        c = divergence.best_response(u, lam, log_q, sup_u=m + 1 / (4 * kappa))
+        log_p = normed(log_q - torch.log(c - u) / (1 - alpha))
+        m_prev, m = m, scores(log_p)[4]
+        if abs(m - m_prev) < 1e-10:
+            break
+    f, d, obj, kl, m = scores(log_p)
+    log_pk, path = log_q, [scores(log_q)[2]]
+    for k in range(K):     # log p ← log p + γ·(δF − λ·δD), Renyi.first_variation's capped weight, no D at k = 0
+        mk = scores(log_pk)[4]
+        g = r - kappa * (r - mk) ** 2
+        if k > 0:
+            lw = (alpha - 1) * (log_pk - log_q)
+            lw = lw - torch.logsumexp(lw + log_pk, 0)
+            g = g + lam * alpha / (1 - alpha) * lw.clamp(-cap, cap).exp()
+        log_pk = normed(log_pk + gamma * g)
+        path.append(scores(log_pk)[2])
+    R = 20.0
+    eps = R ** -2
+    far = torch.logaddexp(normed(-2 * (r - R) ** 2) + torch.tensor(1 - eps).log(), log_q + torch.tensor(eps).log())
+    return {"objective_optimum": obj, "optimum_utility": f, "optimum_divergence": d, "optimum_kl": kl,
+            "optimum_mean_r": m, "objective_exact_tilts_per_outer": path,
+            "objective_unbounded_example": {"R": R, "eps": eps, "objective": scores(far)[2], "kl": scores(far)[3]}}
+
+
+def cvar_reference(base, reward, level, tail, lam, K, n_path=100) -> dict:
+    """max CVaR_β(p) − λ·KL(p‖p_base) by quadrature on the law of r = aᵀx, a Gaussian mixture under the
+    base (component i: N(aᵀμ_i, aᵀΣ_i a)); CVaR, KL and FDC's tilts see x only through r, so these 1-D
+    numbers are the 2-D ones.
+
+    For a threshold η the best law is p_η ∝ p_base·exp(g_η(r)/λ) (objectives.cvar_pseudo_reward), of
+    value F(η) = η + λ·log E_base exp(g_η/λ) (objectives.threshold_dual, on a grid instead of samples):
+    optimum = max_η F_L (left) or min_η F_R (right) at eta_star, the VaR of p* = p_eta_star; the
+    stationary points of the left problem (η = VaR_β(p_η)) are the local maxima of F_L, counted on the
+    grid. objective_mirror_path: FDC's exact iteration at its default steps, without backtracking, for
+    k = 0..K: left, the full step 1/λ, p_{k+1} = p_base·exp(g_{η_k}/λ) with η_k the tail quantile of p_k
+    (a Picard iteration on the threshold); right, steps 1/(λ(k + 1)) (CVaRUtility.step_schedule).
+    mirror_steps_to_optimum: the first k (≤ n_path) at which it is within 0.05 of the optimum.
+    """
+    net, a = base.net, reward.a.double()
+    mean, var = net.means.double() @ a, torch.einsum("i,kij,j->k", a, net.covs.double(), a)
+    sd = var.sqrt()
+    r = torch.linspace(float((mean - 10 * sd).min()), float((mean + 10 * sd).max()), 40001, dtype=torch.float64)
+    log_q = torch.logsumexp(net.weights.double().log()[:, None] - (r - mean[:, None]) ** 2 / (2 * var[:, None])
+                            - 0.5 * var[:, None].log(), 0)
+    log_q = log_q - torch.logsumexp(log_q, 0)           # node masses of the base law of r
+
+    def tilt_at(eta):
+        log_p = log_q + cvar_pseudo_reward(r, eta, level, tail) / lam
+        return log_p - torch.logsumexp(log_p, 0)
+
+    def law(log_p):     # VaR, CVaR (Rockafellar–Uryasev at the quantile), KL, CVaR − λ·KL, E r
+        p = log_p.exp()
+        q = torch.tensor(level if tail == "left" else 1 - level, dtype=torch.float64)
+        eta = float(r[min(int(torch.searchsorted(torch.cumsum(p, 0), q)), r.numel() - 1)])
+        value = eta + float((p * cvar_pseudo_reward(r, eta, level, tail)).sum())
+        kl = float((p * (log_p - log_q)).sum())
+        return {"var": eta, "cvar": value, "kl": kl, "objective": value - lam * kl, "mean_r": float((p * r).sum())}
+
+    etas = r[::10]
+    F = torch.cat([e + lam * torch.logsumexp(log_q + cvar_pseudo_reward(r[None, :], e[:, None], level, tail) / lam, 1)
+                   for e in etas.split(200)])
+    sign = 1.0 if tail == "left" else -1.0              # left: maxima of F_L; right: minima of F_R
+    inner = sign * F[1:-1]
+    stationary = int(((inner > sign * F[:-2]) & (inner >= sign * F[2:])).sum())
+    i = int((sign * F).argmax())
+    best = law(tilt_at(float(etas[i])))
+    log_p, path, reached = log_q, [], None
+    for k in range(n_path + 1):
+        cur = law(log_p)
+        path.append(cur["objective"])
+        if reached is None and cur["objective"] > float(F[i]) - 0.05:
+            reached = k
+        gamma = 1 / lam if tail == "left" else 1 / (lam * (k + 1))
+        # log p ← log p + γ·(g_η − λ·(log p − log p_base)); γ = 1/λ gives tilt_at(η)
+        log_p = log_p + gamma * (cvar_pseudo_reward(r, cur["var"], level, tail) - lam * (log_p - log_q))
+        log_p = log_p - torch.logsumexp(log_p, 0)
+    return {"eta_star": float(etas[i]), "optimum": float(F[i]), "cvar_star": best["cvar"], "kl_star": best["kl"],
+            "mean_r_star": best["mean_r"], "stationary_points": stationary, "objective_mirror_path": path[:K + 1],
+            "mirror_steps_to_optimum": reached, "n_path": n_path}
 
 
 def runs(base, reward):
@@ -157,12 +272,19 @@ def main(argv=None):
                  "time_per_outer_s": sum(r["time_inner"] + r["time_eval"] for r in logs[1:]) / K,
                  "time_total_s": total}
         x_ft = ft.sample(2000, steps=50, seed=7)
-        if name == "cvar_left":   # the one-shot TFFT solution of the same problem
+        if name == "mean_variance_renyi":   # its optimum and its exact-tilt path, by quadrature
+            entry.update(renyi_reference(base, utility, divergence, lam, K, step))
+        if name == "cvar_left":   # the one-shot TFFT solution of the same problem, scored the same way
             t1 = time.perf_counter()
-            tfft = tilt.finetune(base, tilt.CVaR(reward, level=0.1, tail="left"), lam=lam, progress=False, **inner)
-            entry["tfft_one_shot"] = {"cvar_left_10": cvar(reward(tfft.sample(2000, steps=50, seed=7)), 0.1, "left"),
-                                      "time_s": time.perf_counter() - t1}
+            objective = tilt.CVaR(reward, level=0.1, tail="left")
+            tfft = tilt.finetune(base, objective, lam=lam, progress=False, **inner)
+            x_tfft = tfft.sample(2000, steps=50, seed=7)
+            value = cvar(reward(x_tfft), 0.1, "left")
+            kl = float(log_ratio(tfft, base, x_tfft[:300], 50).double().mean())   # as fdc's n_kl = 300
+            entry["tfft_one_shot"] = {"cvar_left_10": value, "kl": kl, "objective": value - lam * kl,
+                                      "eta": objective.solution.eta, "time_s": time.perf_counter() - t1}
             entry["fdc_cvar_left_10"] = cvar(reward(x_ft), 0.1, "left")
+            entry["quadrature"] = cvar_reference(base, reward, 0.1, "left", lam, K)
         table[name] = entry
         density = reward if name in ("mean_variance", "mean_variance_ot", "cvar_left") else None
         plots.plot_samples(_common.RESULTS / f"fdc_{name}.png", {"base": x_base, f"FDC, K = {K}": x_ft},
@@ -175,8 +297,12 @@ def main(argv=None):
     _common.print_table(rows, ["run", "K", "F base", "F final", "KL", "F − λD", "F up", "F − λD up",
                                "calls/∇g per k", "s/outer"])
     if "cvar_left" in table:
-        c = table["cvar_left"]
-        print(f"left CVaR_0.1 of r: FDC {c['fdc_cvar_left_10']:.3f}, one-shot TFFT {c['tfft_one_shot']['cvar_left_10']:.3f}")
+        c, t, q = table["cvar_left"], table["cvar_left"]["tfft_one_shot"], table["cvar_left"]["quadrature"]
+        print(f"left CVaR_0.1 − λ·KL: FDC {c['objective_final']:.3f} after K = {c['K']} (exact path "
+              f"{q['objective_mirror_path'][-1]:.3f}, reaches the optimum after {q['mirror_steps_to_optimum']} "
+              f"outer steps), one-shot TFFT {t['objective']:.3f} (CVaR {t['cvar_left_10']:.3f}, KL {t['kl']:.3f}), "
+              f"optimum {q['optimum']:.3f} (CVaR {q['cvar_star']:.3f}, KL {q['kl_star']:.3f}, "
+              f"{q['stationary_points']} stationary point(s))")
     old = _common.RESULTS / f"{NAME}.json"
     if args.only and old.is_file():
         prev = json.loads(old.read_text())

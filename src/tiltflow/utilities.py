@@ -13,8 +13,10 @@ reward. A utility is a small object with
 and two class attributes: ``needs_samples`` (does the first variation need samples of p_k?)
 and ``curvature`` c, the weight of log p in its first variation (entropy: −log p, so c = 1;
 0 for the others); FDC's default mirror step 1/(λ + c) is exact in one step for entropy with KL
-and for every linear utility. First variations are defined up to an additive constant, which
-a tilt ignores; the constants (e.g. the −1 of the entropy) are dropped.
+and for every linear utility. Optionally ``step_schedule``: "harmonic" asks FDC for steps
+γ_k ≤ γ/(k + 1) (a concave utility that is not smooth, the right-tail CVaR); absent, "constant".
+First variations are defined up to an additive constant, which a tilt ignores; the constants
+(e.g. the −1 of the entropy) are dropped.
 
 | utility | F(p) | δF/δp(p)(x) |
 |---|---|---|
@@ -229,6 +231,23 @@ class CVaRUtility:
     def first_variation(self, x: Tensor, model=None, samples=None) -> Tensor:
         eta = self.quantile(_need_samples(samples, "CVaRUtility"))
         return cvar_pseudo_reward(_rewards(self.reward, x), eta, self.level, self.tail, self.smoothing)
+
+    @property
+    def step_schedule(self) -> str:
+        """FDC's mirror steps: "harmonic" (γ_k ≤ γ/(k + 1)) for the right tail, "constant" for the left.
+
+        Right-CVaR is concave in p but piecewise linear: at the full step γ = 1/λ the iterate is
+        p_{k+1} = p_pre·exp(g_{η_k}/λ), η_k = Q_{1−β}(p_k), and the threshold map η ↦ Q_{1−β}(p_η)
+        is decreasing and steeper than −1 at η*, so the iterates cycle between two tilts on either
+        side of the optimum (exact mirror steps by quadrature on N(0, 1), r = x, β = ½, λ = 1: slope −3.3,
+        F − λKL 0.99 in both tilts, optimum 1.52; the objective does not fall, so backtracking
+        cannot see it). With γ_k = 1/(λ(k + 1)), log p_K − log p_pre is the average of the tilts
+        g_{η_j}/λ, j < K: subgradient mirror descent on a λ-strongly concave objective, which
+        converges (1.50 after three steps). Left-CVaR is convex in p: its linearisation is a lower
+        bound, the full step is a minorise-maximise step that never lowers F − λKL, and constant
+        steps are kept.
+        """
+        return "harmonic" if self.tail == "right" else "constant"
 
     def __repr__(self) -> str:
         return f"CVaRUtility({self.reward!r}, level={self.level:g}, tail={self.tail!r})"

@@ -39,6 +39,13 @@ than ``tol`` is retried from p_k with γ/2, up to ``backtrack`` times, then reje
 p_k); the halved γ is kept. Pass ``step`` for smaller steps from the start (for a Gaussian
 the precision error contracts by |1 − γ(1 + λ)| per step under entropy).
 
+Step schedule. A concave utility that is not smooth (the right-tail CVaR, whose first variation
+jumps with the quantile of p_k) makes constant steps cycle around the optimum without lowering
+F − λD, which backtracking cannot see (utilities.CVaRUtility.step_schedule). ``step_schedule=
+"harmonic"`` (the default for a utility whose ``step_schedule`` asks for it) caps step k at
+γ/(k + 1), the step of subgradient mirror descent on a λ-strongly concave objective: with
+γ = 1/λ, log p_K − log p_pre is the average of the tilts g_j/λ. Backtracking halves below the cap.
+
 At k = 0 the model is p_pre itself, where every divergence is stationary (its first variation
 is constant), so the divergence term is skipped there; it is evaluated from k = 1 on.
 
@@ -75,6 +82,7 @@ __all__ = ["FDCConfig", "fdc"]
 
 EVAL_SEED_OFFSET = 1000   # evaluation samples: the same noise at every k (less noise in F_k − F_{k−1})
 REF_SEED_OFFSET = 2000    # samples of p_pre for divergences that need them (OT)
+SCHEDULES = ("constant", "harmonic")
 
 
 @dataclass
@@ -91,6 +99,7 @@ class FDCConfig:
     score_steps: int = 10         # density="model": ∇log p_k by its ODE log-likelihood (steps); 0: velocity read-out
     backtrack: int = 2            # halvings of γ tried when a step lowers F − λD by more than tol; 0: accept all
     tol: float = 0.02             # Monte Carlo slack of that test (the objective is estimated on n_kl samples)
+    step_schedule: str = "auto"   # "constant", "harmonic" (step k ≤ γ/(k + 1)) or "auto": the utility's choice
 
     def __post_init__(self):
         _validate(self)
@@ -103,6 +112,7 @@ def _validate(cfg: FDCConfig):
     for name in ("n_eval", "eval_steps"):
         val.positive_int(getattr(cfg, name), name, minimum=2)
     val.one_of(cfg.density, "density", ("tilts", "model"))
+    val.one_of(cfg.step_schedule, "step_schedule", ("auto",) + SCHEDULES)
     val.optional(val.in_interval, cfg.score_eps, "score_eps", 0.0, 0.5, True, True)
     val.positive_int(cfg.score_steps, "score_steps (0: velocity read-out)", minimum=0)
     val.positive_int(cfg.backtrack, "backtrack", minimum=0)
@@ -283,7 +293,7 @@ def _load_log(path: Path) -> list[dict]:
 def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_outer: int = 3, *,
         step: float | None = None, n_eval: int = 1000, eval_steps: int = 50, n_kl: int = 300,
         density: str = "model", score_eps: float | None = None, score_steps: int = 10, backtrack: int = 2,
-        tol: float = 0.02,
+        tol: float = 0.02, step_schedule: str = "auto",
         out=None, resume: bool = False, progress: bool = True, callback: Callable | None = None,
         report_to: str = "none", config: FDCConfig | None = None, inner_config: FinetuneConfig | None = None,
         **kwargs) -> FlowModel:
@@ -304,6 +314,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     backtrack / tol: a step whose F − λD falls by more than tol below the previous iterate's is
     retried from p_k with γ/2, up to `backtrack` times, then rejected (p_{k+1} = p_k); the
     halved γ is kept for the later steps. Needs n_kl > 0 (without D there is no objective).
+    step_schedule: "constant", "harmonic" (step k at most γ/(k + 1)) or "auto" (default): the
+    utility's ``step_schedule`` attribute, "harmonic" for the right-tail CVaR (module docstring).
     kwargs: FinetuneConfig fields of every inner Adjoint Matching run (iters, batch_size, steps,
     lr, init, seed, ...); outer iteration k uses seed + k. config: an FDCConfig instead of the
     outer arguments (lam, iters_outer, step, ...); inner_config: a FinetuneConfig of the inner
@@ -322,7 +334,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
         raise ValueError(f"divergence must be KL(), Renyi(alpha) or OT(p) (value and first_variation), "
                          f"got {type(divergence).__name__}")
     given = dict(lam=lam, iters_outer=iters_outer, step=step, n_eval=n_eval, eval_steps=eval_steps, n_kl=n_kl,
-                 density=density, score_eps=score_eps, score_steps=score_steps, backtrack=backtrack, tol=tol)
+                 density=density, score_eps=score_eps, score_steps=score_steps, backtrack=backtrack, tol=tol,
+                 step_schedule=step_schedule)
     if config is None:
         cfg = FDCConfig(**given)
     elif not isinstance(config, FDCConfig):
@@ -356,6 +369,8 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     if cfg.step is None and cfg.lam + curvature <= 0:
         raise ValueError("with lam = 0 and a utility of curvature 0 there is no default step: pass step=γ > 0")
     gamma = cfg.step if cfg.step is not None else 1.0 / (cfg.lam + curvature)
+    schedule = cfg.step_schedule if cfg.step_schedule != "auto" else getattr(utility, "step_schedule", "constant")
+    one_of(schedule, f"{utility!r}.step_schedule", SCHEDULES)
     seed = inner.seed
     if cfg.score_eps is not None:
         eps = float(cfg.score_eps)
@@ -380,7 +395,10 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
                                        seed=seed + REF_SEED_OFFSET)
 
     inner_record = {k: v for k, v in asdict(inner).items() if not (k in _OPTIONAL_KEYS and v == _OPTIONAL_KEYS[k])}
-    config_record = {**asdict(cfg), "gamma": gamma, "inner": inner_record, "utility": repr(utility),
+    # the resolved schedule is recorded only when it is not constant, so earlier run folders still resume
+    config_record = {**{k: v for k, v in asdict(cfg).items() if k != "step_schedule"},
+                     **({"step_schedule": schedule} if schedule != "constant" else {}),
+                     "gamma": gamma, "inner": inner_record, "utility": repr(utility),
                      "divergence": repr(divergence), "base": reference.config()}
     run = None
     current, start, records = reference, 0, []
@@ -469,13 +487,14 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
                 trainable_later(n, q) for n, q in current.named_parameters()))
             tried = []
             for attempt in range(cfg.backtrack + 1):
+                step_k = min(gamma_k, gamma / (k + 1)) if schedule == "harmonic" else gamma_k
                 sub = None if run is None else run / (f"outer_{k + 1:02d}" + (f"_try{attempt}" if attempt else ""))
-                cand = finetune(current, _Fixed(g), lam=1.0 / gamma_k, iters=inner.iters, out=sub,
+                cand = finetune(current, _Fixed(g), lam=1.0 / step_k, iters=inner.iters, out=sub,
                                 resume=bool(resume and sub is not None and (sub / "config.json").is_file()),
                                 progress=progress, seed=seed + k, init=init0 if first else "copy",
                                 trainable=None if first else trainable_later, **inner_kwargs)
                 rec = evaluate(cand)
-                tried.append({"gamma": gamma_k, "objective": rec.get("objective")})
+                tried.append({"gamma": step_k, "objective": rec.get("objective")})
                 # Keep a step only if the objective did not fall (beyond Monte Carlo slack tol).
                 accepted = (cfg.backtrack == 0 or prev is None or rec.get("objective") is None
                             or rec["objective"] >= prev - cfg.tol)
@@ -483,16 +502,16 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
                     break
                 if progress:
                     logger.info(f"fdc outer {k + 1}: F − λD {rec['objective']:.4g} < {prev:.4g} − tol at "
-                                f"γ = {gamma_k:.4g}; retrying with γ = {gamma_k / 2:.4g}")
-                gamma_k /= 2
-            step_gamma = gamma_k
+                                f"γ = {step_k:.4g}; retrying with γ = {step_k / 2:.4g}")
+                gamma_k = step_k / 2
+            step_gamma = step_k
             if accepted:
                 current = cand
                 tilted = _TiltedDensity(reference_density, tilted, step_gamma, g)
             else:
                 rec = {key: records[-1][key] for key in ("utility", "divergence", "objective", "kl", "time_eval")
                        if key in records[-1]}
-                gamma_k /= 2
+                gamma_k = step_k / 2
             if run is not None and main and (not accepted or len(tried) > 1):
                 current.save(run / f"outer_{k + 1:02d}" / "model.safetensors")   # the iterate kept
             log(k + 1, {**rec, "time_inner": time.perf_counter() - t0, "gamma": step_gamma, "accepted": accepted,
