@@ -40,7 +40,7 @@ def wasserstein_1d(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> float:
 
     a: (n,), b: (m,) finite values. Returns W_p (a float).
     """
-    a, b = _values(a, "a"), _values(b, "b")
+    a, b = _values(a, "a").cpu(), _values(b, "b").cpu()     # evaluation on the CPU, wherever the samples live
     p = positive(p, "p")
     n, m = a.shape[0], b.shape[0]
     a, b = torch.sort(a).values, torch.sort(b).values
@@ -59,7 +59,7 @@ def wasserstein_2(x: torch.Tensor, y: torch.Tensor) -> float:
 
     x: (n, *dims), y: (m, *dims) with the same number of entries per sample. Returns a float.
     """
-    x, y = _samples(x, "x"), _samples(y, "y")
+    x, y = _samples(x, "x").cpu(), _samples(y, "y").cpu()   # POT works on the CPU
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same dimension, got {x.shape[1]} and {y.shape[1]}")
     return _emd_sqrt(torch.cdist(x, y) ** 2)
@@ -91,7 +91,7 @@ def aligned_sq_distances(x: torch.Tensor, y: torch.Tensor, n_particles: int, spa
     from scipy.optimize import linear_sum_assignment   # POT depends on SciPy
 
     k, s = positive_int(n_particles, "n_particles"), positive_int(spatial_dim, "spatial_dim")
-    x, y = _samples(x, "x"), _samples(y, "y")
+    x, y = _samples(x, "x").cpu(), _samples(y, "y").cpu()   # SciPy's solver works on the CPU
     for name, t in (("x", x), ("y", y)):
         if t.shape[1] != k * s:
             raise ValueError(f"{name} must have n_particles · spatial_dim = {k * s} entries per sample, "
