@@ -11,10 +11,13 @@ stays E(3)-equivariant) with r = −E_MMFF94 (kcal/mol) under ExpectedReward and
 iterations, batch, lr and seed. For each model, on ODE samples: energy quantiles (5/25/50/75/95 %),
 left/right CVaR of r at 5/10/20 % (worst / best β fraction of −energy), validity (bond lengths
 within 15 % of the data's, bond angles and planar groups within the data's spread (`task.check`),
-no clashes below 0.7 × the van der Waals contact, stereo kept), the share of samples with the
-reference handedness (chiral molecules, e.g. L-alanine, get the SE(3) network `chiral=True`; an
-E(3) one gives ½), mean pairwise symmetry-aware RMSD, COV/MAT against the data; and wall seconds of each fine-tuning run and per iteration (TFFT's stage 1,
-sampling the offline base set and solving for η*, is inside its run).
+no clashes below 0.7 × the van der Waals contact, stereo kept), mean pairwise symmetry-aware
+RMSD, COV/MAT against the data (heavy atoms, δ = 0.5 Å); and wall seconds of each fine-tuning run
+and per iteration (TFFT's stage 1, sampling the offline base set and solving for η*, is inside its
+run). Chiral molecules (L-alanine) get the SE(3) network (`chiral=True`, from `task.graph`); as in
+`tiltflow molecules`, each model's wrong-handed draws are mirrored (`task.mirror_to_reference`)
+before evaluation, and the share drawn with the reference handedness, before mirroring, is
+recorded as `handedness_share_drawn` (None without stereocentres).
 
 Writes results/molecules.json and results/molecules.png (results/molecules_quick.* with --quick).
 
@@ -60,13 +63,23 @@ def evaluate(task, x) -> dict:
     return ev
 
 
+def evaluate_model(task, model, n: int) -> dict:
+    """`evaluate` on n ODE samples (50 steps, seed 1) after mirroring the wrong-handed draws of a
+    chiral molecule, with the share drawn with the reference handedness before the mirroring."""
+    x = model.sample(n, steps=50, seed=1)
+    drawn = float(task.handedness(x).double().mean()) if task.graph.chiral else None
+    ev = evaluate(task, task.mirror_to_reference(x))
+    ev["handedness_share_drawn"] = drawn
+    return ev
+
+
 def run_molecule(name: str, smiles: str, args, cfg: dict) -> dict:
     task = molecules.conformers(smiles, n=512, seed=0)
     out = {"smiles": smiles, "atoms": task.n_atoms, "models": {}}
     out["models"]["data"] = evaluate(task, task.data[:cfg["n_eval"]])
     base, t_pre = pretrain_egnn(task, cfg["pre_steps"], 128, seed=0)
     out["pretrain_seconds"] = t_pre
-    out["models"]["base"] = evaluate(task, base.sample(cfg["n_eval"], steps=50, seed=1))
+    out["models"]["base"] = evaluate_model(task, base, cfg["n_eval"])
     print(name, task.n_atoms, "atoms; pretrain", round(t_pre, 1), "s; base worst10",
           round(out["models"]["base"]["worst10_energy"], 1), flush=True)
 
@@ -78,19 +91,22 @@ def run_molecule(name: str, smiles: str, args, cfg: dict) -> dict:
         t0 = time.perf_counter()
         ft = tilt.finetune(base, objective, lam=args.lam, **cfg["ft"], progress=False)
         seconds = time.perf_counter() - t0
-        ev = evaluate(task, ft.sample(cfg["n_eval"], steps=50, seed=1))
+        ev = evaluate_model(task, ft, cfg["n_eval"])
         ev["seconds"] = seconds
         ev["seconds_per_iteration"] = seconds / cfg["ft"]["iters"]
         out["models"][label] = ev
         print(f"  {label:10s} worst10 {ev['worst10_energy']:9.1f}  q50 {ev['energy_q50']:7.1f}  "
               f"q05 {ev['energy_q05']:7.1f}  valid {ev['rate_valid']:.3f}  rmsd {ev['diversity_rmsd']:.3f}  "
-              f"{ev['seconds_per_iteration']:.2f} s/it", flush=True)
+              f"COV-R {ev['cov_r']:.2f}  MAT-R {ev['mat_r']:.2f}  {ev['seconds_per_iteration']:.2f} s/it", flush=True)
     m = out["models"]
     b = m["base"]
     out["answer"] = {
         "worst10_energy": {k: v["worst10_energy"] for k, v in m.items()},
         "validity": {k: v["rate_valid"] for k, v in m.items()},
         "handedness_share": {k: v["handedness_share"] for k, v in m.items()},     # None: no stereocentre
+        "handedness_share_drawn": {k: v["handedness_share_drawn"] for k, v in m.items() if k != "data"},
+        "cov_r": {k: v["cov_r"] for k, v in m.items()},
+        "mat_r": {k: v["mat_r"] for k, v in m.items()},
         "diversity_rmsd": {k: v["diversity_rmsd"] for k, v in m.items()},
         "left_0.1_beats_expected_on_worst10": m["left_0.1"]["worst10_energy"] < m["expected"]["worst10_energy"],
         "validity_change_vs_base": {k: v["rate_valid"] - b["rate_valid"] for k, v in m.items() if k != "data"},
