@@ -76,7 +76,7 @@ from ..tracking import REPORT_TO, Tracker, get_logger, tracked
 from ..utilities import as_utility, model_score
 from ..validation import one_of
 from .. import validation as val
-from .finetune import _OPTIONAL_KEYS, FinetuneConfig, _validate as _validate_inner, finetune
+from .finetune import _OPTIONAL_KEYS, FinetuneConfig, _validate as _validate_inner, finetune, resolve_init
 
 __all__ = ["FDCConfig", "fdc"]
 
@@ -383,11 +383,7 @@ def fdc(model: FlowModel, utility, divergence=None, lam: float = 1.0, iters_oute
     reference.requires_grad_(False)
     # The inner runs warm-start from p_k: the first one builds the trainable model the way
     # finetune would; later ones train a copy of p_k with the same parameters trainable.
-    init0 = inner.init
-    if init0 == "auto":
-        # the residual MLP needs vector data; image and particle bases are copied (as finetune does)
-        frozen_vector = len(model.shape) == 1 and not any(p.requires_grad for p in model.parameters())
-        init0 = "residual" if frozen_vector else "copy"
+    init0 = resolve_init(inner.init, model)      # as finetune resolves "auto"
     trainable_later = (lambda n, p: n.startswith("net.residual.")) if init0 == "residual" else None
     ref_samples = None
     if cfg.lam > 0 and getattr(divergence, "needs_reference_samples", False):

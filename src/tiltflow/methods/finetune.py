@@ -220,6 +220,14 @@ def make_lora_model(base: FlowModel, rank: int, alpha: float | None = None, targ
     return ft.to(base.device)
 
 
+def resolve_init(init: str, base: FlowModel) -> str:
+    """init="auto" as finetune and fdc read it: "residual" for vector data (a frozen base plus a
+    zero-initialised MLP; closed-form bases have no weights to copy), "copy" otherwise (images,
+    particles: all weights train, as in the paper). Whether the base's parameters require
+    gradients does not matter (a loaded model's do, a pretrained one's do not)."""
+    return ("residual" if len(base.shape) == 1 else "copy") if init == "auto" else init
+
+
 def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(128, 128), seed: int = 0) -> FlowModel:
     """The model to train: a copy of the base, or base (frozen) + zero-initialised residual MLP.
 
@@ -228,8 +236,7 @@ def make_finetune_model(base: FlowModel, init: str = "auto", residual_hidden=(12
     to copy) and "copy" otherwise (images, particles: the paper fine-tunes all weights).
     """
     net = base.copy().net
-    if init == "auto":
-        init = "residual" if len(base.shape) == 1 else "copy"
+    init = resolve_init(init, base)
     if init == "residual":
         if len(base.shape) != 1:
             raise ValueError("init='residual' builds an MLP and needs vector data; use init='copy'")
