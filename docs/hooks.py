@@ -157,7 +157,10 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         return table(yaml.safe_load(m.group("body")), where)
 
     try:
-        markdown = BLOCK.sub(block, markdown)
-        return substitute(markdown, None, where)
+        markdown = substitute(BLOCK.sub(block, markdown), None, where)
+        left = re.search(r"\{\{[^\n]{0,60}", markdown)
+        if left:    # a reference the pattern did not take (a lone closing brace, a bad key path)
+            raise ValueError(f"docs: {where}: unrendered reference {left.group(0)!r}")
+        return markdown
     except (OSError, KeyError, ValueError, yaml.YAMLError) as e:
         raise PluginError(str(e).strip('"')) from e

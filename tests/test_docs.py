@@ -130,3 +130,16 @@ def test_result_references_fail_loudly():
     assert hooks.table(spec, "t").splitlines()[-1] == f"| base | {expected.replace('-', '−')} |"
     with pytest.raises(KeyError):
         hooks.table({**spec, "row": ["${m}", "{{ table/${m}/no_such_key }}"]}, "t")
+
+
+def test_a_malformed_reference_stops_the_build():
+    """A reference the pattern cannot take (one closing brace) is an error, not literal text."""
+    pytest.importorskip("mkdocs")
+    from types import SimpleNamespace
+    from mkdocs.exceptions import PluginError
+    hooks = _hooks()
+    page = SimpleNamespace(file=SimpleNamespace(src_uri="p.md"))
+    good = "x {{ tfft.json : table/base/samples/mean | .2f }} y"
+    assert "{{" not in hooks.on_page_markdown(good, page, None, None)
+    with pytest.raises(PluginError, match="unrendered reference"):
+        hooks.on_page_markdown(good.replace("}} y", "} y"), page, None, None)
