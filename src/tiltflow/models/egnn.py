@@ -20,8 +20,16 @@ handedness however long it trains. `chiral=True` (3-D only) adds to each layer's
 the cross-product term Σ_j φ_c(m_ij) (x̄_i × x̄_j) of the centred coordinates x̄; since
 (Qa) × (Qb) = det(Q) Q (a × b), the term is a pseudo-vector: the velocity stays equivariant under
 proper rotations and translations but not under reflections (SE(3), not E(3)).
-A chiral network can represent a one-handed distribution; learning it is slow (L-alanine, 32 × 3
-network, batch 64: 54 % of samples with the right handedness after 1500 iterations, 66 % after 4000).
+A chiral network can represent a one-handed distribution; with the cross term alone learning it is
+slow, because its messages are E(3)-invariant: no coefficient can tell the current handedness.
+`pseudoscalar=True` (3-D only) gives every layer's messages the signed volumes
+
+    χ_i = a·(b × c) / (|a| |b| |c| + ε),   a, b, c = x_j − x_i for i's first three bonded neighbours j
+
+(in bond-list order; χ_i = 0 for atoms with fewer than three), which are invariant under rotations and
+translations and change sign under reflections, so the velocity can depend on which hand x_t has,
+and moves each such atom i along the pseudo-vector n_i = (x_b − x_a) × (x_c − x_a), the normal of
+its neighbours' plane, the direction that inverts i, with a coefficient φ_n(h_i) of i's features.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from torch import nn
 from .mlp import TimeEmbedding
 
 CENTROID_EPS = 1e-5      # ε of the centroid velocity −c / (1 − t + ε) (module docstring)
+CHI_EPS = 1e-6            # ε of χ_i (module docstring): smooth where two atoms coincide
 N_BOND_KINDS = 5          # edge labels: 0 not bonded, 1 single, 2 double, 3 triple, 4 aromatic
 
 
@@ -44,18 +53,24 @@ class _EGNNLayer(nn.Module):
 
     chiral=True adds Σ_j φ_c(m_ij) (x̄_i × x̄_j) / (√(|x̄_i|² + 1) √(|x̄_j|² + 1)) to the coordinate
     update, x̄ = x − mean_i x_i (module docstring); edge_dim: width of the edge labels a_ij (0: none).
+    pseudoscalar=True adds χ_i w_1 + χ_j w_2 to φ_e's first linear layer and φ_n(h_i) n_i / (|n_i| + 1)
+    to the update of each atom i with three neighbours a, b, c, n_i = (x_b − x_a) × (x_c − x_a)
+    (χ_i, n_i: module docstring).
     """
 
-    def __init__(self, hidden: int, edge_dim: int = N_BOND_KINDS, chiral: bool = False):
+    def __init__(self, hidden: int, edge_dim: int = N_BOND_KINDS, chiral: bool = False, pseudoscalar: bool = False):
         super().__init__()
+        self.pseudo = nn.Linear(2, hidden, bias=False) if pseudoscalar else None
+        self.normal = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if pseudoscalar else None
         self.edge = nn.Sequential(nn.Linear(2 * hidden + 1 + edge_dim, hidden), nn.SiLU(),
                                   nn.Linear(hidden, hidden), nn.SiLU())
         self.coord = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1))
         self.cross = nn.Sequential(nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 1)) if chiral else None
         self.node = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
 
-    def forward(self, h, x, edge_attr, mask):
-        # h: (B, N, H); x: (B, N, D); edge_attr: (N, N, K) or None; mask: (N, N) 1 off the diagonal
+    def forward(self, h, x, edge_attr, mask, chi=None, quads=None):
+        # h: (B, N, H); x: (B, N, D); edge_attr: (N, N, K) or None; mask: (N, N) 1 off the diagonal;
+        # chi: (B, N) signed volumes χ_i, used when pseudoscalar=True
         b, n, hid = h.shape
         diff = x[:, :, None] - x[:, None, :]                                  # x_i − x_j: (B, N, N, D)
         d2 = diff.pow(2).sum(-1, keepdim=True)
@@ -65,6 +80,9 @@ class _EGNNLayer(nn.Module):
         pre = (h @ w[:, :hid].T)[:, :, None] + (h @ w[:, hid:2 * hid].T)[:, None] + d2 * w[:, 2 * hid] + bias
         if edge_attr is not None:
             pre = pre + edge_attr @ w[:, 2 * hid + 1:].T
+        if self.pseudo is not None:
+            wc = self.pseudo.weight                                              # (H, 2): [w_1, w_2]
+            pre = pre + chi[:, :, None, None] * wc[:, 0] + chi[:, None, :, None] * wc[:, 1]
         m = self.edge[1:](pre) * mask[..., None]
         # normalising by |x_ij| + 1 keeps coordinate updates bounded when atoms are far apart;
         # the 1e-12 keeps ∂|x_ii|/∂x finite on the (masked) diagonal, where 0·inf would give NaN
@@ -75,6 +93,13 @@ class _EGNNLayer(nn.Module):
             s = (xc.pow(2).sum(-1, keepdim=True) + 1.0).rsqrt()                  # (B, N, 1)
             cross = torch.linalg.cross((xc * s)[:, :, None], (xc * s)[:, None])  # (B, N, N, 3)
             dx = dx + (cross * self.cross(m) * mask[..., None]).sum(2)
+        if self.normal is not None and quads.shape[0]:
+            # moving i along the normal of its neighbours' plane is what inverts it; χ alone (no
+            # such term) left L-alanine at chance after 4000 iterations (one-off, docs/molecules.md)
+            a, bb, c = (x[:, quads[:, k]] for k in (1, 2, 3))
+            nv = torch.linalg.cross(bb - a, c - a)                                # n_i: (B, K, 3)
+            nv = nv / (nv.norm(dim=-1, keepdim=True) + 1.0)                      # |n_i| < 1, smooth at 0
+            dx = dx.index_add(1, quads[:, 0], (n - 1) * self.normal(h[:, quads[:, 0]]) * nv)
         x = x + dx / (n - 1)
         h = h + self.node(torch.cat([h, m.sum(2) / (n - 1)], dim=-1))
         return h, x
@@ -87,11 +112,12 @@ class EGNNVelocity(nn.Module):
     1, 2, 3 or 1.5 (aromatic); spatial_dim: D (3 for molecules). `cond` is not used: the graph
     is fixed at construction. chiral=True: SE(3)- instead of E(3)-equivariant (the cross-product
     term of the module docstring), needed for the samples of a chiral molecule to keep its
-    handedness; D must be 3.
+    handedness; D must be 3. pseudoscalar=True: the messages also see the signed volumes χ_i
+    (module docstring), so they can depend on the handedness of x; D must be 3.
     """
 
     def __init__(self, atomic_numbers, bonds, bond_orders=None, hidden: int = 64, layers: int = 4,
-                 time_dim: int = 32, spatial_dim: int = 3, chiral: bool = False):
+                 time_dim: int = 32, spatial_dim: int = 3, chiral: bool = False, pseudoscalar: bool = False):
         super().__init__()
         z = torch.as_tensor(atomic_numbers, dtype=torch.long).flatten()
         bonds = torch.as_tensor(bonds, dtype=torch.long).reshape(-1, 2)
@@ -109,7 +135,11 @@ class EGNNVelocity(nn.Module):
             raise ValueError(f"chiral must be True or False, got {chiral!r}")
         if chiral and spatial_dim != 3:
             raise ValueError(f"chiral=True needs 3-D coordinates (a cross product), got spatial_dim={spatial_dim}")
-        self.chiral = chiral
+        if not isinstance(pseudoscalar, bool):
+            raise ValueError(f"pseudoscalar must be True or False, got {pseudoscalar!r}")
+        if pseudoscalar and spatial_dim != 3:
+            raise ValueError(f"pseudoscalar=True needs 3-D coordinates (a signed volume), got spatial_dim={spatial_dim}")
+        self.chiral, self.pseudoscalar = chiral, pseudoscalar
         self.n_atoms, self.spatial_dim, self.dim = n, spatial_dim, spatial_dim * n
         self.hidden, self.n_layers, self.time_dim = int(hidden), int(layers), int(time_dim)
         self._graph = (z.tolist(), bonds.tolist(), orders.tolist())
@@ -120,16 +150,27 @@ class EGNNVelocity(nn.Module):
             kind[i, j] = kind[j, i] = _bond_kind(o)
         self.register_buffer("edge_attr", nn.functional.one_hot(kind, N_BOND_KINDS).float())
         self.register_buffer("mask", 1.0 - torch.eye(n))
+        if pseudoscalar:
+            # (atom, first three neighbours in bond-list order) for every atom with at least three;
+            # not a buffer, so state dicts keep the keys of networks built without it
+            nbrs = [[] for _ in range(n)]
+            for i, j in bonds.tolist():
+                nbrs[i].append(j)
+                nbrs[j].append(i)
+            self._quads = torch.tensor([[i, *nb[:3]] for i, nb in enumerate(nbrs) if len(nb) >= 3],
+                                       dtype=torch.long).reshape(-1, 4)
         self.embed_type = nn.Embedding(len(elements), self.hidden)
         self.embed_time = TimeEmbedding(self.time_dim)
         self.mix = nn.Linear(self.hidden + self.time_dim, self.hidden)
-        self.layers = nn.ModuleList(_EGNNLayer(self.hidden, chiral=chiral) for _ in range(self.n_layers))
+        self.layers = nn.ModuleList(_EGNNLayer(self.hidden, chiral=chiral, pseudoscalar=pseudoscalar)
+                                    for _ in range(self.n_layers))
 
     @classmethod
     def from_graph(cls, graph, **kwargs) -> "EGNNVelocity":
-        """From a `tiltflow.tasks.molecules.MolGraph` (task.graph); chiral defaults to `graph.chiral`
-        (True when the molecule has a specified tetrahedral stereocentre)."""
+        """From a `tiltflow.tasks.molecules.MolGraph` (task.graph); chiral and pseudoscalar default to
+        `graph.chiral` (True when the molecule has a specified tetrahedral stereocentre)."""
         kwargs.setdefault("chiral", bool(getattr(graph, "chiral", False)))
+        kwargs.setdefault("pseudoscalar", kwargs["chiral"])
         return cls(graph.atomic_numbers, graph.bonds, graph.bond_orders, **kwargs)
 
     @classmethod
@@ -138,11 +179,22 @@ class EGNNVelocity(nn.Module):
         return cls([0] * n_particles, [], spatial_dim=spatial_dim, **kwargs)
 
     def config(self) -> dict:
-        # "chiral" only when set: checkpoints written before the option load with an equal config
+        # "chiral" and "pseudoscalar" only when set: checkpoints written before an option load with
+        # an equal config, and without the key the option is off, as it was when they were written
         z, bonds, orders = self._graph
         return {"class": "EGNNVelocity", "atomic_numbers": z, "bonds": bonds, "bond_orders": orders,
                 "hidden": self.hidden, "layers": self.n_layers, "time_dim": self.time_dim,
-                "spatial_dim": self.spatial_dim, **({"chiral": True} if self.chiral else {})}
+                "spatial_dim": self.spatial_dim, **({"chiral": True} if self.chiral else {}),
+                **({"pseudoscalar": True} if self.pseudoscalar else {})}
+
+    def signed_volumes(self, pos: torch.Tensor) -> torch.Tensor:
+        """χ_i of the module docstring: pos (batch, atoms, 3) -> (batch, atoms), 0 where i has < 3 neighbours."""
+        q = self._quads.to(pos.device)
+        a, b, c = (pos[:, q[:, k]] - pos[:, q[:, 0]] for k in (1, 2, 3))        # (B, K, 3) each
+        vol = (a * torch.linalg.cross(b, c)).sum(-1)
+        norms = a.norm(dim=-1) * b.norm(dim=-1) * c.norm(dim=-1)
+        chi = pos.new_zeros(pos.shape[:2])
+        return chi.index_copy(1, q[:, 0], vol / (norms + CHI_EPS))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         b = x.shape[0]
@@ -152,9 +204,11 @@ class EGNNVelocity(nn.Module):
         h = self.embed_type(self.types).to(x.dtype).expand(b, -1, -1)
         te = self.embed_time(t.to(x.dtype))[:, None].expand(b, self.n_atoms, -1)
         h = self.mix(torch.cat([h, te], dim=-1))
+        chi = self.signed_volumes(pos) if self.pseudoscalar else None
         y = pos
         for layer in self.layers:
-            h, y = layer(h, y, self.edge_attr.to(x.dtype), self.mask.to(x.dtype))
+            h, y = layer(h, y, self.edge_attr.to(x.dtype), self.mask.to(x.dtype), chi,
+                         self._quads.to(x.device) if self.pseudoscalar else None)
         v = y - pos
         v = v - v.mean(dim=1, keepdim=True)
         # exact centroid velocity of the rectified path with mean-free data (module docstring)
