@@ -152,13 +152,13 @@ class EGNNVelocity(nn.Module):
         self.register_buffer("mask", 1.0 - torch.eye(n))
         if pseudoscalar:
             # (atom, first three neighbours in bond-list order) for every atom with at least three;
-            # not a buffer, so state dicts keep the keys of networks built without it
+            # a non-persistent buffer: it moves with the module, state dicts keep their keys
             nbrs = [[] for _ in range(n)]
             for i, j in bonds.tolist():
                 nbrs[i].append(j)
                 nbrs[j].append(i)
-            self._quads = torch.tensor([[i, *nb[:3]] for i, nb in enumerate(nbrs) if len(nb) >= 3],
-                                       dtype=torch.long).reshape(-1, 4)
+            self.register_buffer("_quads", torch.tensor([[i, *nb[:3]] for i, nb in enumerate(nbrs) if len(nb) >= 3],
+                                                        dtype=torch.long).reshape(-1, 4), persistent=False)
         self.embed_type = nn.Embedding(len(elements), self.hidden)
         self.embed_time = TimeEmbedding(self.time_dim)
         self.mix = nn.Linear(self.hidden + self.time_dim, self.hidden)
@@ -189,7 +189,7 @@ class EGNNVelocity(nn.Module):
 
     def signed_volumes(self, pos: torch.Tensor) -> torch.Tensor:
         """χ_i of the module docstring: pos (batch, atoms, 3) -> (batch, atoms), 0 where i has < 3 neighbours."""
-        q = self._quads.to(pos.device)
+        q = self._quads
         a, b, c = (pos[:, q[:, k]] - pos[:, q[:, 0]] for k in (1, 2, 3))        # (B, K, 3) each
         vol = (a * torch.linalg.cross(b, c)).sum(-1)
         norms = a.norm(dim=-1) * b.norm(dim=-1) * c.norm(dim=-1)
@@ -208,7 +208,7 @@ class EGNNVelocity(nn.Module):
         y = pos
         for layer in self.layers:
             h, y = layer(h, y, self.edge_attr.to(x.dtype), self.mask.to(x.dtype), chi,
-                         self._quads.to(x.device) if self.pseudoscalar else None)
+                         self._quads if self.pseudoscalar else None)
         v = y - pos
         v = v - v.mean(dim=1, keepdim=True)
         # exact centroid velocity of the rectified path with mean-free data (module docstring)
