@@ -12,6 +12,7 @@ from .. import checkpoint as ckpt
 from ..methods.finetune import finetune
 from ..models.flow_model import FlowModel
 from ..validation import in_interval, one_of, positive, positive_int
+from .evaluation import print_eval_table
 from .finetune import make_objective
 from .flags import add_config_flags, build, config_dict, config_from, run_folder_flags
 from .runs import EVAL_SEED_OFFSET, open_run_tracker, prepare_run, track_results, writes
@@ -114,9 +115,7 @@ def cmd_design(args) -> int:
             ("dipole_mean", "dipole"), ("dipole_cvar_left", "CVaR₀.₁ left"), ("dipole_cvar_right", "CVaR₀.₁ right"),
             ("qed_mean", "QED")]
     print(f"\n{cfg.n_samples} ODE samples per model (dipole: RDKit Gasteiger, e·Å, over valid molecules):")
-    print("model".ljust(11) + "".join(h.rjust(14) for _, h in cols))
-    for name, st in models.items():
-        print(name.ljust(11) + "".join(f"{st[k]:14.3f}" for k, _ in cols))
+    print_eval_table(models, cols)
     print(f"wrote {args.out}/: base.sdf, finetuned.sdf, base.png, finetuned.png, summary.json, ft/"
           + ("" if cfg.base else ", pre/"))
     return 0

@@ -11,6 +11,7 @@ from .. import checkpoint as ckpt
 from ..methods.finetune import finetune
 from ..methods.pretrain import pretrain
 from ..validation import in_interval, one_of, positive, positive_int
+from .evaluation import print_eval_table
 from .finetune import make_objective
 from .flags import (add_config_flags, build, config_dict, config_from, positive_ints, resolve_deprecated,
                     run_folder_flags)
@@ -103,12 +104,10 @@ def cmd_molecules(args) -> int:
                                                "atoms": task.n_atoms, "models": models, "timings": timings})
         track_results(tracker, out / "ft", [], models)
     print(f"\n{task.name}, {cfg.n_samples} ODE samples per model (energies in kcal/mol):")
-    cols = [("energy_q50", "median E"), ("reward_cvar_left_0.1", "worst-10% E"), ("rate_valid", "valid"),
-            ("diversity_rmsd", "RMSD (Å)")]
-    print("model".ljust(11) + "".join(h.rjust(13) for _, h in cols))
-    for name, st in models.items():
-        vals = [st["energy_q50"], -st["reward_cvar_left_0.1"], st["rate_valid"], st["diversity_rmsd"]]
-        print(name.ljust(11) + "".join(f"{v:13.3f}" for v in vals))
+    # the worst-10 % energy is minus the reward's left CVaR (reward = −E)
+    rows = {name: {**st, "worst10_energy": -st["reward_cvar_left_0.1"]} for name, st in models.items()}
+    print_eval_table(rows, [("energy_q50", "median E"), ("worst10_energy", "worst-10% E"), ("rate_valid", "valid"),
+                            ("diversity_rmsd", "RMSD (Å)")])
     print(f"wrote {args.out}/: {', '.join(written)}, summary.json, pre/, ft/")
     return 0
 
