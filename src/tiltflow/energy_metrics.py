@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .metrics import _samples, _values
+from .metrics import _samples, _values, quantile_grid
 from .validation import positive, positive_int
 
 
@@ -44,13 +44,8 @@ def wasserstein_1d(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> float:
     p = positive(p, "p")
     n, m = a.shape[0], b.shape[0]
     a, b = torch.sort(a).values, torch.sort(b).values
-    f64 = torch.float64
-    ends = torch.unique(torch.cat([torch.arange(1, n + 1, dtype=f64) / n, torch.arange(1, m + 1, dtype=f64) / m]))
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    mid = (starts + ends) / 2
-    ia = torch.floor(mid * n).long().clamp(max=n - 1)
-    ib = torch.floor(mid * m).long().clamp(max=m - 1)
-    return float(((ends - starts) * (a[ia] - b[ib]).abs() ** p).sum()) ** (1 / p)
+    du, ia, ib = quantile_grid(n, m)
+    return float((du * (a[ia] - b[ib]).abs() ** p).sum()) ** (1 / p)
 
 
 def wasserstein_2(x: torch.Tensor, y: torch.Tensor) -> float:

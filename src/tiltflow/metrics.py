@@ -102,6 +102,22 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
     return 2.0 * xy - xx - yy
 
 
+def quantile_grid(n: int, m: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The merged grid {i/n} ∪ {j/m} of two empirical quantile functions, on which both are
+    constant between consecutive breakpoints: (du, ix, iy), the interval widths (k,) float64 and,
+    per interval, the index into n and into m sorted values, so that
+    ∫₀¹ f(F_x⁻¹(u), F_y⁻¹(u)) du = Σ du·f(x_sorted[ix], y_sorted[iy])."""
+    f64 = torch.float64
+    ends = torch.cat([torch.arange(1, n + 1, dtype=f64, device=device) / n,
+                      torch.arange(1, m + 1, dtype=f64, device=device) / m])
+    ends = torch.unique(ends)  # sorted; last entry is exactly 1
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    mid = (starts + ends) / 2
+    ix = torch.floor(mid * n).long().clamp(max=n - 1)
+    iy = torch.floor(mid * m).long().clamp(max=m - 1)
+    return ends - starts, ix, iy
+
+
 def sliced_wasserstein(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -133,16 +149,7 @@ def sliced_wasserstein(
     px = torch.sort(x @ theta.T, dim=0).values  # (n, P)
     py = torch.sort(y @ theta.T, dim=0).values  # (m, P)
 
-    # Both quantile functions are constant between consecutive breakpoints of the merged grid.
-    f64 = torch.float64
-    ends = torch.cat([torch.arange(1, n + 1, dtype=f64, device=x.device) / n,
-                      torch.arange(1, m + 1, dtype=f64, device=x.device) / m])
-    ends = torch.unique(ends)  # sorted; last entry is exactly 1
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    du = ends - starts
-    mid = (starts + ends) / 2
-    ix = torch.floor(mid * n).long().clamp(max=n - 1)
-    iy = torch.floor(mid * m).long().clamp(max=m - 1)
+    du, ix, iy = quantile_grid(n, m, x.device)
     w2_sq = (du[:, None] * (px[ix] - py[iy]) ** 2).sum(dim=0)  # (P,)
     return math.sqrt(float(w2_sq.mean()))
 
