@@ -83,6 +83,20 @@ def base_model():
     return tilt.FlowModel(tilt.GaussianMixtureVelocity(mix.weights, mix.means, mix.covs))
 
 
+def _r_components(base, a):
+    """Means and variances (k,) of r = aᵀx under the mixture base's components: aᵀμ_i, aᵀΣ_i a."""
+    net, a = base.net, a.double()
+    return net.means.double() @ a, torch.einsum("i,kij,j->k", a, net.covs.double(), a)
+
+
+def law_of_r(base, a, r) -> torch.Tensor:
+    """Log node masses (normalised) of the law of r = aᵀx under the mixture base at the nodes r."""
+    mean, var = _r_components(base, a)
+    log_q = torch.logsumexp(base.net.weights.double().log()[:, None] - (r - mean[:, None]) ** 2 / (2 * var[:, None])
+                            - 0.5 * var[:, None].log(), 0)
+    return log_q - torch.logsumexp(log_q, 0)
+
+
 def renyi_reference(base, utility, divergence, lam, K, gamma) -> dict:
     """Mean-variance + λ·Rényi-α (α < 1) by quadrature on the law of r = aᵀx under the mixture base,
     q_r = Σ w_i N(aᵀμ_i, aᵀΣ_i a): F, D_α and the tilts see x only through r (data processing is an
@@ -93,16 +107,12 @@ def renyi_reference(base, utility, divergence, lam, K, gamma) -> dict:
     No global maximum exists (Renyi docstring): objective_unbounded_example is (1 − ε)·N(R, ¼) + ε·q_r,
     ε = R⁻². objective_exact_tilts_per_outer: this row's mirror steps (γ, capped weight) with exact tilts.
     """
-    net, a = base.net, utility.reward.a.double()
-    mean, var = net.means.double() @ a, torch.einsum("i,kij,j->k", a, net.covs.double(), a)
     r = torch.linspace(-25.0, 35.0, 24001, dtype=torch.float64)
+    log_q = law_of_r(base, utility.reward.a, r)
     kappa, alpha, cap = utility.kappa, divergence.alpha, divergence.max_log_weight
 
     def normed(log_p):     # node masses
         return log_p - torch.logsumexp(log_p, 0)
-
-    log_q = normed(torch.logsumexp(net.weights.double().log()[:, None] - (r - mean[:, None]) ** 2 / (2 * var[:, None])
-                                   - 0.5 * var[:, None].log(), 0))
 
     def scores(log_p):     # F, D_α, F − λD_α, KL(p‖q), E r
         p = log_p.exp()
@@ -152,13 +162,10 @@ def cvar_reference(base, reward, level, tail, lam, K, n_path=100) -> dict:
     (a Picard iteration on the threshold); right, steps 1/(λ(k + 1)) (CVaRUtility.step_schedule).
     mirror_steps_to_optimum: the first k (≤ n_path) at which it is within 0.05 of the optimum.
     """
-    net, a = base.net, reward.a.double()
-    mean, var = net.means.double() @ a, torch.einsum("i,kij,j->k", a, net.covs.double(), a)
+    mean, var = _r_components(base, reward.a)
     sd = var.sqrt()
     r = torch.linspace(float((mean - 10 * sd).min()), float((mean + 10 * sd).max()), 40001, dtype=torch.float64)
-    log_q = torch.logsumexp(net.weights.double().log()[:, None] - (r - mean[:, None]) ** 2 / (2 * var[:, None])
-                            - 0.5 * var[:, None].log(), 0)
-    log_q = log_q - torch.logsumexp(log_q, 0)           # node masses of the base law of r
+    log_q = law_of_r(base, reward.a, r)
 
     def tilt_at(eta):
         log_p = log_q + cvar_pseudo_reward(r, eta, level, tail) / lam
