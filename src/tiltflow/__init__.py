@@ -6,7 +6,7 @@
     ft = tilt.finetune(model, tilt.CVaR(r, level=0.1, tail="left"), lam=1.0)
 """
 
-from . import divergences, integrators, metrics, paths, rewards, tasks, utilities
+from . import couplings, divergences, integrators, metrics, paths, rewards, tasks, utilities
 from .methods.finetune import FinetuneConfig, finetune
 from .methods.fdc import FDCConfig, fdc
 from .methods.gft import GFTConfig, gradual_finetune
@@ -31,7 +31,7 @@ __all__ = [
     "ExpectedReward", "CVaR", "solve_threshold",
     "fdc", "FDCConfig", "KL", "Renyi", "OT", "ExpectedRewardUtility", "CVaRUtility", "MeanVariance",
     "Novelty", "Entropy", "KernelDiversity", "ExperimentDesign",
-    "paths", "integrators", "metrics", "rewards", "tasks", "toy2d",
+    "paths", "integrators", "couplings", "metrics", "rewards", "tasks", "toy2d",
     "sample_energy", "EnergyConfig", "EnergySampler", "estimators", "jarzynski", "crooks", "crooks_two_sided",
     "Tracker", "get_logger",
 ]

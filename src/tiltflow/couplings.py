@@ -15,6 +15,8 @@ message naming what needed it.
 
 from __future__ import annotations
 
+import itertools
+import math
 import warnings
 
 import numpy as np
@@ -108,3 +110,85 @@ def ot_dual(cost: np.ndarray, what: str = "exact OT") -> tuple[float, np.ndarray
     n, m = cost.shape
     _, log = ot.emd(np.full(n, 1.0 / n), np.full(m, 1.0 / m), cost, log=True)
     return float(log["cost"]), np.asarray(log["u"]), np.asarray(log["v"])
+
+
+
+def _kabsch(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Proper rotations rot (b, c, c) maximising tr(rotᵀ pᵀ y): p @ rot ≈ y; p, y: (b, nodes, c)."""
+    u, _, vt = torch.linalg.svd(p.transpose(1, 2) @ y)
+    flip = torch.ones(p.shape[0], p.shape[2], dtype=p.dtype)
+    flip[:, -1] = torch.sign(torch.linalg.det(u @ vt))
+    return (u * flip[:, None]) @ vt
+
+
+def _principal_starts(p: torch.Tensor, y: torch.Tensor) -> list:
+    """Starting rotations (b, c, c) mapping p's principal axes onto y's, one per sign pattern with
+    det +1, plus the identity: the alternation below can stall in a local minimum from one start."""
+    b, _, c = p.shape
+    _, ep = torch.linalg.eigh(p.transpose(1, 2) @ p)
+    _, ey = torch.linalg.eigh(y.transpose(1, 2) @ y)
+    starts = [torch.eye(c, dtype=p.dtype).expand(b, c, c)]
+    for signs in itertools.product((1.0, -1.0), repeat=c - 1):
+        s = torch.tensor([*signs, 1.0], dtype=p.dtype)
+        r = ep @ torch.diag(s) @ ey.transpose(1, 2)
+        # where this sign pattern gives a reflection, its twin with the last axis flipped is proper
+        twin = ep @ torch.diag(s * torch.tensor([1.0] * (c - 1) + [-1.0], dtype=p.dtype)) @ ey.transpose(1, 2)
+        starts.append(torch.where((torch.linalg.det(r) < 0)[:, None, None], twin, r))
+    return starts
+
+
+def equivariant_pairing(x0: torch.Tensor, x1: torch.Tensor, nodes: int, coords: int = 3, permute: bool = True,
+                        rounds: int = 3) -> torch.Tensor:
+    """Align each x0 to its x1 by the symmetry group of an equivariant model (equivariant flow
+    matching, Klein, Krämer & Noé 2023, §4):
+
+        x0 ← g*·x0,   g* = argmin_{g ∈ G} ‖g·x0 − x1‖²,   G = S_nodes × SO(coords),
+
+    a permutation of whole nodes (rows) and a proper rotation of the first `coords` columns of
+    every node about x0's centroid. The minimum is approached, from the identity and from each
+    proper map of x0's principal axes onto x1's, by `rounds` alternations of the optimal
+    permutation for the current rotation (Hungarian: SciPy's linear_sum_assignment) and the
+    optimal proper rotation for the current permutation (Kabsch, det +1), each of which can only
+    lower the cost; the lowest result is kept. permute=False keeps node order (a fixed molecular
+    graph) and only rotates. Rotations are proper, so a chiral x1 is never matched by its mirror.
+
+    Valid for flow matching when p0 is G-invariant (N(0, I) is) and the network G-equivariant:
+    the trajectory from an unaligned x0 is then g⁻¹ applied to the one from g·x0, so samples keep
+    the law of the data up to G (orbits), while the conditional paths get shorter.
+
+    x0, x1: (batch, nodes · width) or (batch, nodes, width), width ≥ coords. Returns x0's
+    aligned copy, same shape, dtype and device. Runs on the CPU (SciPy), b · rounds · (1 + 2^(coords−1))
+    assignments of nodes × nodes.
+    """
+    from scipy.optimize import linear_sum_assignment   # SciPy comes with POT ([ot])
+
+    if x0.shape != x1.shape:
+        raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")
+    b = x0.shape[0]
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1 or x0[0].numel() % nodes:
+        raise ValueError(f"nodes must be a positive integer dividing a row's {x0[0].numel()} entries, got {nodes!r}")
+    width = x0[0].numel() // nodes
+    if isinstance(coords, bool) or not isinstance(coords, int) or not 1 <= coords <= width:
+        raise ValueError(f"coords must be an integer in [1, {width}] (a node's width), got {coords!r}")
+    a0 = x0.detach().reshape(b, nodes, width).to("cpu", torch.float64)
+    y = x1.detach().reshape(b, nodes, width).to("cpu", torch.float64)[..., :coords]
+    y = y - y.mean(1, keepdim=True)
+    centre = a0[..., :coords].mean(1, keepdim=True)                     # (b, 1, coords), kept
+    p0 = a0[..., :coords] - centre
+    rows = torch.arange(b)[:, None]
+    best, best_cost = a0.clone(), torch.full((b,), math.inf, dtype=torch.float64)
+    for rot in _principal_starts(p0, y):
+        a, p = a0, p0 @ rot
+        for _ in range(rounds):
+            if permute:
+                cost = torch.cdist(p, y).pow(2).numpy()                   # (b, nodes of x0, nodes of x1)
+                order = torch.from_numpy(np.stack([linear_sum_assignment(c.T)[1] for c in cost]))
+                a, p = a[rows, order], p[rows, order]                     # x0's node order[k] faces x1's node k
+            p = p @ _kabsch(p, y)
+        # p is x0's permuted nodes under one proper rotation: write them back with the centroid
+        a = a.clone()
+        a[..., :coords] = p + centre
+        c = (p - y).pow(2).sum((1, 2))
+        better = c < best_cost
+        best[better], best_cost[better] = a[better], c[better]
+    return best.to(x0.dtype).to(x0.device).reshape(x0.shape)

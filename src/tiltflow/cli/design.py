@@ -28,6 +28,7 @@ class DesignConfig:
     layers: int = 4                       # SE3Velocity layers
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
+    pretrain_coupling: str = "independent"   # "independent", or "equivariant": noise aligned to each molecule (node permutation, proper rotation)
     reward: str = "dipole"                # dipole: a learned Gasteiger dipole (e·Å); mmff: −MMFF94 energy / 100
     predictor_iters: int = 2000           # optimiser steps of the dipole predictor (trained once, cached)
     objective: str = "cvar"               # expected or cvar
@@ -47,6 +48,7 @@ class DesignConfig:
 
     def __post_init__(self):
         one_of(self.reward, "reward", ("dipole", "mmff"))
+        one_of(self.pretrain_coupling, "pretrain_coupling", ("independent", "equivariant"))
         one_of(self.objective, "objective", ("expected", "cvar"))
         in_interval(self.level, "level", 0.0, 1.0)
         one_of(self.tail, "tail", ("left", "right"))
@@ -78,6 +80,7 @@ def cmd_design(args) -> int:
     else:
         base = design.pretrain(cfg.pretrain_iters, data=data, hidden=cfg.hidden, layers=cfg.layers,
                                batch_size=cfg.pretrain_batch_size, lr=cfg.pretrain_lr, seed=cfg.seed,
+                               coupling=cfg.pretrain_coupling,
                                device=cfg.device, out=out / "pre", resume=args.resume, progress=progress,
                                report_to=args.report_to)
     timings = {"pretrain_s": time.perf_counter() - t}

@@ -12,6 +12,12 @@ Euclidean cost (OT-CFM, Tong et al. 2024). For equal uniform weights the optimal
 permutation, so the pairs still have the marginals N(0, I) and data: the learned distribution is
 unchanged, only the paths are straighter.
 
+coupling="equivariant" aligns each x0 to its own x1 by the network's symmetry group, node
+permutations and proper rotations (x0 ← g*·x0, g* = argmin_g ‖g·x0 − x1‖²; equivariant flow
+matching, Klein et al. 2023; couplings.equivariant_pairing). N(0, I) is invariant and the network
+equivariant, so the law of generated samples up to the group is unchanged and the paths shorter.
+The network says which symmetries it has in its `symmetry` attribute (nodes, coords, permute).
+
 All randomness (data minibatches, x0, t) comes from one CPU torch.Generator seeded by `seed`,
 which is checkpointed, so an interrupted and resumed run ends with the same weights as an
 uninterrupted one. With data parallel (torchrun; distributed.py) or grad_accum > 1 the global
@@ -36,7 +42,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
-from ..couplings import ot_pairing, require_ot
+from ..couplings import equivariant_pairing, ot_pairing, require_ot
 from ..metrics import energy_distance
 from ..models.flow_model import FlowModel
 from ..models.mlp import MLPVelocity
@@ -62,7 +68,7 @@ class PretrainConfig:
     lr: float = 1e-3                   # Adam learning rate (after warm-up)
     hidden: tuple = (256, 256, 256)    # widths of the MLP velocity network (EGNN: (width,) * layers)
     path: str | dict = "rectified"     # probability path: a name or AffinePath.config()
-    coupling: str = "independent"      # "independent" or "ot" (minibatch exact OT)
+    coupling: str = "independent"      # "independent", "ot" (minibatch exact OT) or "equivariant" (node networks)
     ema: float = 0.999                 # decay of the weight average the returned model uses
     grad_clip: float = 1.0             # max global gradient norm; 0 disables clipping
     seed: int = 0
@@ -81,7 +87,7 @@ class PretrainConfig:
         val.non_negative(self.grad_clip, "grad_clip")
         val.positive_int(self.lr_warmup, "lr_warmup", minimum=0)
         self.hidden = val.optional(val.int_tuple, self.hidden, "hidden")   # None: a ready network's
-        val.one_of(self.coupling, "coupling", ("independent", "ot"))
+        val.one_of(self.coupling, "coupling", ("independent", "ot", "equivariant"))
         val.integer(self.seed, "seed")
 
 
@@ -254,13 +260,16 @@ def cfm_loss(model: FlowModel, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tens
     return err.pow(2).reshape(err.shape[0], -1).sum(1).mean()
 
 
-def _minibatch(data: _Data, cfg: PretrainConfig, n: int, gen: torch.Generator, device):
-    """Draw n (x0, x1, t, cond) in a fixed order from `gen`; x0 permuted by OT if asked."""
+def _minibatch(data: _Data, cfg: PretrainConfig, n: int, gen: torch.Generator, device, symmetry=None):
+    """Draw n (x0, x1, t, cond) in a fixed order from `gen`; x0 permuted by OT, or aligned to its
+    x1 by the network's `symmetry` (couplings.equivariant_pairing), if asked."""
     x1, c = data.draw(n, gen)
     x0 = torch.randn(x1.shape, generator=gen)
     t = torch.rand(n, generator=gen)
     if cfg.coupling == "ot":
         x0 = x0[ot_pairing(x0, x1).cpu()]
+    elif cfg.coupling == "equivariant":
+        x0 = equivariant_pairing(x0, x1, **symmetry)
     return x0.to(device), x1.to(device), t.to(device), (None if c is None else c.to(device))
 
 
@@ -322,8 +331,8 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
     given = {**kwargs, "path": path.config(), "hidden": tuple(hidden) if isinstance(hidden, (list, tuple)) else hidden,
              **({"iters": iters} if iters is not None else {}), **({"steps": steps} if steps is not None else {})}
     cfg = replace(config, **given) if config is not None else PretrainConfig(**given)
-    if cfg.coupling == "ot":
-        require_ot("coupling='ot'")
+    if cfg.coupling in ("ot", "equivariant"):
+        require_ot(f"coupling={cfg.coupling!r}")   # exact OT (POT), or SciPy's assignment (comes with POT)
     world, rank, shards, micro = dist.setup_batches(cfg.batch_size, cfg.grad_accum)
     dev = dist.device(cfg.device, network if isinstance(network, nn.Module) else None)
     cfg = replace(cfg, device=dist.device_name(dev))   # the run folder records the device it ran on
@@ -334,6 +343,10 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         net = build_net(source.dims, source.cond_dim)
+    symmetry = getattr(net, "symmetry", None)
+    if cfg.coupling == "equivariant" and symmetry is None:
+        raise ValueError(f"coupling='equivariant' needs a network with node symmetries (SE3Velocity, EGNNVelocity: "
+                         f"a `symmetry` attribute), got {type(net).__name__}")
     model = FlowModel(net, path, source.dims).to(dev)
     dist.broadcast_module(model)
     avg = model.copy()
@@ -357,7 +370,7 @@ def pretrain(data, iters: int | None = None, *, config: PretrainConfig | None = 
     def step(it):
         loss_sum = 0.0
         for i in mine:
-            x0, x1, t, c = _minibatch(source, cfg, micro, gens[i], dev)
+            x0, x1, t, c = _minibatch(source, cfg, micro, gens[i], dev, symmetry)
             loss = cfm_loss(model, x0, x1, t, c)
             (loss / cfg.grad_accum).backward()   # mean over micro-batches; over processes in the loop
             loss_sum += float(loss.detach())

@@ -141,6 +141,10 @@ class EGNNVelocity(nn.Module):
             raise ValueError(f"pseudoscalar=True needs 3-D coordinates (a signed volume), got spatial_dim={spatial_dim}")
         self.chiral, self.pseudoscalar = chiral, pseudoscalar
         self.n_atoms, self.spatial_dim, self.dim = n, spatial_dim, spatial_dim * n
+        # for pretrain(coupling="equivariant"): proper rotations always; node permutations only
+        # when every atom is alike and unbonded (particles), else the graph fixes each atom's role
+        self.symmetry = {"nodes": n, "coords": spatial_dim,
+                         "permute": len(set(z.tolist())) == 1 and bonds.shape[0] == 0}
         self.hidden, self.n_layers, self.time_dim = int(hidden), int(layers), int(time_dim)
         self._graph = (z.tolist(), bonds.tolist(), orders.tolist())
         elements = sorted(set(z.tolist()))

@@ -45,6 +45,8 @@ class SE3Velocity(nn.Module):
         self.n_nodes, self.n_types = n_nodes, n_types
         self.hidden, self.n_layers, self.time_dim = hidden, layers, time_dim
         self.shape = (n_nodes, 3 + n_types)
+        # for pretrain(coupling="equivariant"): nodes may be permuted, the first 3 columns rotated
+        self.symmetry = {"nodes": n_nodes, "coords": 3, "permute": True}
         self.dim = n_nodes * (3 + n_types)
         self.register_buffer("mask", 1.0 - torch.eye(n_nodes))
         self.embed_time = TimeEmbedding(time_dim)
