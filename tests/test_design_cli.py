@@ -16,7 +16,8 @@ TINY = ["--pretrain-iters", "2", "--hidden", "8", "--layers", "1", "--pretrain-b
 
 def test_design_runs_end_to_end_and_writes_its_files(tmp_path):
     out = tmp_path / "d"
-    assert cli.main(["design", *TINY, "--out", str(out)]) == 0
+    assert cli.main(["design", *TINY, "--pretrain-coupling", "equivariant", "--out", str(out)]) == 0
+    assert json.loads((out / "pre" / "config.json").read_text())["coupling"] == "equivariant"
     summary = json.loads((out / "summary.json").read_text())
     for name in ("base", "finetuned"):
         m = summary["models"][name]
@@ -31,7 +32,8 @@ def test_design_runs_end_to_end_and_writes_its_files(tmp_path):
 
 
 @pytest.mark.parametrize("flags, word", [(["--level", "1.5"], "level"), (["--tail", "up"], "tail"),
-                                         (["--reward", "qed"], "reward"), (["--base", "nope.safetensors"], "base")])
+                                         (["--reward", "qed"], "reward"), (["--base", "nope.safetensors"], "base"),
+                                         (["--pretrain-coupling", "ot"], "pretrain_coupling")])
 def test_design_bad_settings_name_the_setting(tmp_path, capsys, flags, word):
     assert cli.main(["design", *TINY, *flags, "--out", str(tmp_path / "x")]) == 2
     assert word in capsys.readouterr().err
