@@ -112,7 +112,6 @@ def ot_dual(cost: np.ndarray, what: str = "exact OT") -> tuple[float, np.ndarray
     return float(log["cost"]), np.asarray(log["u"]), np.asarray(log["v"])
 
 
-
 def _kabsch(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Proper rotations rot (b, c, c) maximising tr(rotᵀ pᵀ y): p @ rot ≈ y; p, y: (b, nodes, c)."""
     u, _, vt = torch.linalg.svd(p.transpose(1, 2) @ y)
@@ -150,7 +149,8 @@ def equivariant_pairing(x0: torch.Tensor, x1: torch.Tensor, nodes: int, coords: 
     permutation for the current rotation (Hungarian: SciPy's linear_sum_assignment) and the
     optimal proper rotation for the current permutation (Kabsch, det +1), each of which can only
     lower the cost; the lowest result is kept. permute=False keeps node order (a fixed molecular
-    graph) and only rotates. Rotations are proper, so a chiral x1 is never matched by its mirror.
+    graph) and only rotates: one Kabsch step from the identity is then the exact minimum.
+    Rotations are proper, so a chiral x1 is never matched by its mirror.
 
     Valid for flow matching when p0 is G-invariant (N(0, I) is) and the network G-equivariant:
     the trajectory from an unaligned x0 is then g⁻¹ applied to the one from g·x0, so samples keep
@@ -158,7 +158,7 @@ def equivariant_pairing(x0: torch.Tensor, x1: torch.Tensor, nodes: int, coords: 
 
     x0, x1: (batch, nodes · width) or (batch, nodes, width), width ≥ coords. Returns x0's
     aligned copy, same shape, dtype and device. Runs on the CPU (SciPy), b · rounds · (1 + 2^(coords−1))
-    assignments of nodes × nodes.
+    assignments of nodes × nodes when permuting.
     """
     from scipy.optimize import linear_sum_assignment   # SciPy comes with POT ([ot])
 
@@ -177,9 +177,11 @@ def equivariant_pairing(x0: torch.Tensor, x1: torch.Tensor, nodes: int, coords: 
     p0 = a0[..., :coords] - centre
     rows = torch.arange(b)[:, None]
     best, best_cost = a0.clone(), torch.full((b,), math.inf, dtype=torch.float64)
-    for rot in _principal_starts(p0, y):
+    # without permutations the rotation alone is solved in closed form: no restarts, no alternation
+    starts = _principal_starts(p0, y) if permute else [torch.eye(coords, dtype=p0.dtype)]
+    for rot in starts:
         a, p = a0, p0 @ rot
-        for _ in range(rounds):
+        for _ in range(rounds if permute else 1):
             if permute:
                 cost = torch.cdist(p, y).pow(2).numpy()                   # (b, nodes of x0, nodes of x1)
                 order = torch.from_numpy(np.stack([linear_sum_assignment(c.T)[1] for c in cost]))
