@@ -16,16 +16,9 @@ import math
 import numpy as np
 import torch
 
+from .couplings import require_ot
 from .metrics import _samples, _values, quantile_grid
 from .validation import positive, positive_int
-
-
-def _pot():
-    try:
-        import ot
-    except ImportError:
-        raise ImportError("this metric solves an optimal-transport problem with POT: pip install 'tiltflow[ot]'") from None
-    return ot
 
 
 def wasserstein_1d(a: torch.Tensor, b: torch.Tensor, p: float = 2.0) -> float:
@@ -62,7 +55,7 @@ def wasserstein_2(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _emd_sqrt(cost: torch.Tensor) -> float:
     """√(min_π Σ π_ij C_ij) over couplings of two uniform measures; cost: (n, m) float64."""
-    ot = _pot()
+    ot = require_ot("an optimal-transport W₂ (wasserstein_2, geometric_w2)")
     n, m = cost.shape
     a, b = np.full(n, 1 / n), np.full(m, 1 / m)
     w = ot.emd2(a, b, cost.numpy(), numItermax=10**7)     # POT's default 10⁵ stops short on 2000 × 2000
