@@ -16,8 +16,8 @@ TINY = ["--pretrain-iters", "2", "--hidden", "8", "--layers", "1", "--pretrain-b
 
 def test_design_runs_end_to_end_and_writes_its_files(tmp_path):
     out = tmp_path / "d"
-    assert cli.main(["design", *TINY, "--pretrain-coupling", "equivariant", "--out", str(out)]) == 0
-    assert json.loads((out / "pre" / "config.json").read_text())["coupling"] == "equivariant"
+    assert cli.main(["design", *TINY, "--out", str(out)]) == 0
+    assert json.loads((out / "pre" / "config.json").read_text())["coupling"] == "equivariant"   # the default
     summary = json.loads((out / "summary.json").read_text())
     for name in ("base", "finetuned"):
         m = summary["models"][name]

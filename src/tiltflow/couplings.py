@@ -160,7 +160,10 @@ def equivariant_pairing(x0: torch.Tensor, x1: torch.Tensor, nodes: int, coords: 
     aligned copy, same shape, dtype and device. Runs on the CPU (SciPy), b · rounds · (1 + 2^(coords−1))
     assignments of nodes × nodes when permuting.
     """
-    from scipy.optimize import linear_sum_assignment   # SciPy comes with POT ([ot])
+    try:
+        from scipy.optimize import linear_sum_assignment   # SciPy comes with POT ([ot]) and with [mol]
+    except ImportError as e:
+        raise ImportError("the equivariant coupling needs SciPy: pip install 'tiltflow[mol]' (or scipy)") from e
 
     if x0.shape != x1.shape:
         raise ValueError(f"x0 and x1 must have the same shape, got {tuple(x0.shape)} and {tuple(x1.shape)}")

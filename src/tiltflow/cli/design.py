@@ -23,12 +23,12 @@ class DesignConfig:
     """De novo design: pretrain (or load) a molecule flow, fine-tune it toward a property, compare
     (saved as config.json in the folder)."""
     base: str = ""                        # a base model file (.safetensors) to fine-tune; "": pretrain one here
-    pretrain_iters: int = 3000            # optimiser steps of the base's flow matching (when base is "")
+    pretrain_iters: int = 40000           # optimiser steps of the base's flow matching (when base is ""; ~40 min on one CPU thread)
     hidden: int = 64                      # SE3Velocity width
     layers: int = 4                       # SE3Velocity layers
     pretrain_batch_size: int = 64
     pretrain_lr: float = 1e-3
-    pretrain_coupling: str = "independent"   # "independent", or "equivariant": noise aligned to each molecule (node permutation, proper rotation)
+    pretrain_coupling: str = "equivariant"   # "equivariant": noise aligned to each molecule (node permutation, proper rotation), or "independent"
     reward: str = "dipole"                # dipole: a learned Gasteiger dipole (e·Å); mmff: −MMFF94 energy / 100
     predictor_iters: int = 2000           # optimiser steps of the dipole predictor (trained once, cached)
     objective: str = "cvar"               # expected or cvar
@@ -127,7 +127,8 @@ def cmd_design(args) -> int:
 def add_parser(sub) -> None:
     s = sub.add_parser("design", help="de novo molecules: pretrain an SE(3) flow, fine-tune toward a property, write SDF",
                        description="Pretrain an SE(3)-equivariant flow over atom types and coordinates on RDKit's NCI "
-                                   "molecules with ≤ 9 heavy atoms (or fine-tune --base), fine-tune it toward a "
+                                   "molecules with ≤ 9 heavy atoms (about 40 min on one CPU thread; or fine-tune --base, e.g. the stored "
+                                   "benchmarks/results/design_base.safetensors), fine-tune it toward a "
                                    "learned dipole or −MMFF94 energy (default: right CVaR), evaluate both with RDKit "
                                    "(validity, uniqueness, novelty, stability, property CVaRs) and write SDF, PNG and "
                                    "summary.json. Needs RDKit: pip install 'tiltflow[mol]'.")

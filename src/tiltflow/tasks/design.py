@@ -2,16 +2,22 @@
 
     data = load_dataset()                          # NCI molecules ≤ 9 heavy atoms, ETKDG + MMFF94
     data.train                                     # (n, N_MAX, 3 + K) float32
-    mols = decode(x)                               # RDKit Mols (bonds from geometry) or None
+    mols = decode(x)                               # RDKit Mols with 3-D hydrogens, or None
     evaluate(x, data.train_smiles)                 # validity, uniqueness, novelty, stability, QED…
     dipole(x)                                      # Gasteiger-charge dipole |Σ q_i r_i| in e·Å
 
-A molecule is a tensor (N_MAX, 3 + K): x[:, :3] coordinates in Å, present atoms centred on
-their mean and absent nodes at the origin (so the mean over all N_MAX nodes is 0), and
-x[:, 3:] = TYPE_SCALE · one_hot(type) over TYPES, where type "none" marks an absent node.
-Node order: heavy atoms (RDKit order), then hydrogens, then absent nodes. Decoding takes the
-argmax type, drops "none" nodes and determines bonds from the geometry with RDKit's
-rdDetermineBonds (total charge 0). Molecules are identified by canonical SMILES without
+A molecule is a tensor (N_MAX, 3 + K) over its heavy atoms: x[:, :3] coordinates in Å, present
+atoms centred on their mean and absent nodes at the origin (so the mean over all N_MAX nodes is
+0), and x[:, 3:] = TYPE_SCALE · one_hot(type) over TYPES. A type is an element with the number
+of hydrogens bonded to it ("C2" is a CH₂ carbon, "O1" a hydroxyl oxygen); "none" marks an absent
+node. Hydrogens are not nodes: their count is in the type, their positions are placed by RDKit
+when a state is decoded. Node order: heavy atoms in RDKit order, then absent nodes.
+
+Decoding takes the argmax type, drops "none" nodes, connects heavy atoms from their distances
+(RDKit's DetermineConnectivity) and looks for bond orders 1–3 that give every atom its neutral
+valence with its hydrogens (C 4, N 3, O 2, F 1), by exhaustive search; when they exist, the
+molecule is sanitised and hydrogens are added at 3-D positions (Chem.AddHs(addCoords=True)),
+and chirality is read from the coordinates. Molecules are identified by canonical SMILES without
 hydrogens and without stereo (`smiles`), the graph-level identity that novelty and uniqueness
 count. RDKit is an optional dependency (`pip install 'tiltflow[mol]'`), imported on first use.
 """
@@ -35,49 +41,62 @@ from ..tracking import get_logger
 from ..validation import in_interval, optional, positive_int
 from .molecules import _cache_dir, _rdkit
 
-TYPES = ("none", "H", "C", "N", "O", "F")
-N_MAX = 27            # ≤ 9 heavy atoms with their explicit hydrogens fit in 27 nodes
-K = len(TYPES)
-TYPE_SCALE = 2.0
+ELEMENTS = ("C", "N", "O", "F")   # heavy elements the data set admits
+VALENCES = {"C": 4, "N": 3, "O": 2, "F": 1}          # neutral valences: bond orders + hydrogens
+MAX_HYDROGENS = {"C": 3, "N": 2, "O": 1, "F": 0}      # attached H a type can hold (CH₄, NH₃, H₂O excluded)
+TYPES = ("none",) + tuple(f"{e}{h}" for e in ELEMENTS for h in range(MAX_HYDROGENS[e] + 1))
 MAX_HEAVY = 9
-ELEMENTS = ("C", "N", "O", "F")   # heavy elements the data set admits (hydrogens besides)
-VALENCES = {"H": (1,), "C": (4,), "N": (3,), "O": (2,), "F": (1,)}   # neutral valences for stability
+N_MAX = MAX_HEAVY     # one node per heavy atom
+K = len(TYPES)        # 11
+TYPE_SCALE = 2.0
 TEST_FRACTION = 0.1
 MMFF_MAX_ITERS = 2000
-CACHE_VERSION = 1     # bump when the recipe below changes, so old caches are not reused
+CACHE_VERSION = 2     # bump when the recipe below changes, so old caches are not reused
+                      # (2: heavy-atom state with hydrogen counts in the type; 1 held explicit H nodes)
 
 _Z = {"H": 1, "C": 6, "N": 7, "O": 8, "F": 9}
-_TYPE_OF_Z = {z: TYPES.index(s) for s, z in _Z.items()}
 _log = get_logger(__name__)
 
 
 # --- encoding --------------------------------------------------------------------------------
-def encode(mol, conf_id: int = -1) -> torch.Tensor:
-    """One molecule with explicit hydrogens and a 3-D conformer -> (N_MAX, 3 + K) float32.
+def atom_type(atom) -> str:
+    """The state's type of an RDKit heavy atom, e.g. "C2"; ValueError when the state cannot hold it."""
+    sym, h = atom.GetSymbol(), atom.GetTotalNumHs(includeNeighbors=True)
+    where = f"atom {atom.GetIdx()} ({sym}"
+    if sym not in ELEMENTS:
+        raise ValueError(f"{where}): element {sym!r}; the design state holds only {list(ELEMENTS)} (and H)")
+    if atom.GetFormalCharge() or atom.GetNumRadicalElectrons():
+        raise ValueError(f"{where}): formal charge {atom.GetFormalCharge()}, radical electrons "
+                         f"{atom.GetNumRadicalElectrons()}; the design state holds neutral closed-shell atoms")
+    if h > MAX_HYDROGENS[sym]:
+        raise ValueError(f"{where}) has {h} hydrogens; a {sym} type holds at most {MAX_HYDROGENS[sym]}")
+    return f"{sym}{h}"
 
-    Heavy atoms first in RDKit order, then hydrogens in RDKit order, then absent nodes;
-    coordinates of present atoms are centred on their unweighted mean (mean-free state).
+
+def encode(mol, conf_id: int = -1) -> torch.Tensor:
+    """One molecule with a 3-D conformer -> (N_MAX, 3 + K) float32.
+
+    Hydrogens may be atoms (Chem.AddHs) or implicit; either way only their count enters the
+    heavy atom's type. Heavy atoms in RDKit order, then absent nodes; coordinates of the heavy
+    atoms centred on their unweighted mean (mean-free state).
     """
     _, Chem, _ = _rdkit()
     if not isinstance(mol, Chem.Mol):
         raise ValueError(f"mol must be an RDKit Mol, got {type(mol).__name__}")
     if mol.GetNumConformers() == 0:
         raise ValueError("mol has no conformer; embed it first (AllChem.EmbedMolecule)")
-    atoms = list(mol.GetAtoms())
-    if any(a.GetTotalNumHs() for a in atoms):
-        raise ValueError("mol has implicit hydrogens; add them as atoms with Chem.AddHs(mol, addCoords=True)")
-    bad = sorted({a.GetSymbol() for a in atoms} - set(_Z))
-    if bad:
-        raise ValueError(f"mol has elements {bad}; the design state holds only {list(TYPES[1:])}")
-    if len(atoms) > N_MAX:
-        raise ValueError(f"mol has {len(atoms)} atoms with hydrogens, more than N_MAX = {N_MAX}")
-    order = [a.GetIdx() for a in atoms if a.GetAtomicNum() > 1] + [a.GetIdx() for a in atoms if a.GetAtomicNum() == 1]
-    pos = mol.GetConformer(conf_id).GetPositions()[order]
+    heavy = [a for a in mol.GetAtoms() if a.GetAtomicNum() != 1]
+    types = [atom_type(a) for a in heavy]
+    if not heavy:
+        raise ValueError("mol has no heavy atom; the design state holds molecules of 1 to N_MAX heavy atoms")
+    if len(heavy) > N_MAX:
+        raise ValueError(f"mol has {len(heavy)} heavy atoms, more than N_MAX = {N_MAX}")
+    pos = mol.GetConformer(conf_id).GetPositions()[[a.GetIdx() for a in heavy]]
     pos = pos - pos.mean(axis=0)
     x = torch.zeros(N_MAX, 3 + K, dtype=torch.float32)
-    x[: len(order), :3] = torch.as_tensor(pos, dtype=torch.float32)
-    types = [_TYPE_OF_Z[atoms[i].GetAtomicNum()] for i in order] + [0] * (N_MAX - len(order))
-    x[torch.arange(N_MAX), 3 + torch.tensor(types)] = TYPE_SCALE
+    x[: len(heavy), :3] = torch.as_tensor(pos, dtype=torch.float32)
+    index = [TYPES.index(t) for t in types] + [0] * (N_MAX - len(heavy))
+    x[torch.arange(N_MAX), 3 + torch.tensor(index)] = TYPE_SCALE
     return x
 
 
@@ -92,69 +111,127 @@ def _check_state(x) -> torch.Tensor:
 
 
 def _atoms(xi: torch.Tensor):
-    """One state (N_MAX, 3 + K) -> (atomic numbers (m,), positions (m, 3)) of its present atoms,
-    or None when it has non-finite entries."""
+    """One state (N_MAX, 3 + K) -> (types of its present nodes (m,), positions (m, 3)), or None
+    when it has non-finite entries."""
     if not bool(torch.isfinite(xi).all()):
         return None
     t = xi[:, 3:].argmax(dim=-1)
     keep = t != 0
-    z = [_Z[TYPES[k]] for k in t[keep].tolist()]
-    return z, xi[keep, :3].numpy()
+    return [TYPES[k] for k in t[keep].tolist()], xi[keep, :3].numpy()
 
 
-def _atoms_mol(z, pos):
-    """A Mol of bare atoms (no bonds, no implicit H) with one conformer at pos (m, 3)."""
+def _atoms_mol(types, pos):
+    """A Mol of bare heavy atoms (no bonds, no hydrogens) with one conformer at pos (m, 3)."""
     _, Chem, _ = _rdkit()
     from rdkit.Geometry import Point3D
     rw = Chem.RWMol()
-    for zi in z:
-        a = Chem.Atom(int(zi))
+    for t in types:
+        a = Chem.Atom(_Z[t[0]])
         a.SetNoImplicit(True)
         rw.AddAtom(a)
-    conf = Chem.Conformer(len(z))
+    conf = Chem.Conformer(len(types))
     for i, p in enumerate(pos):
         conf.SetAtomPosition(i, Point3D(*map(float, p)))
     rw.AddConformer(conf, assignId=True)
     return rw.GetMol()
 
 
-_MAX_VALENCE = {_Z[s]: max(v) for s, v in VALENCES.items()}
-_BOND_ORDER_ITERS = 100_000   # a cap on RDKit's bond-order search; data molecules need far fewer
+_MAX_SEARCH = 100_000
 
 
-def _bonded(z, pos):
-    """(decoded Mol or None, connectivity-only Mol or None) for atoms z at pos.
+def _extra_orders(n_atoms: int, edges: list, need: list) -> list | None:
+    """Extra bond orders b_e ∈ {0, 1, 2} (bond order 1 + b_e) with Σ_{e ∋ i} b_e = need[i] for
+    every atom i, by depth-first search over the edges (pruned: an atom can still take at most
+    2 per unassigned edge); None when there is none, or none within _MAX_SEARCH nodes (a guard
+    for odd generated geometries; the data need a few dozen)."""
+    need = list(need)
+    visits = [0]
+    left = [0] * n_atoms                   # edges of each atom not yet assigned
+    for i, j in edges:
+        left[i] += 1
+        left[j] += 1
+    b = [0] * len(edges)
 
-    Bond orders come from rdDetermineBonds with total charge 0. An atom with more neighbours
-    than its element's valence cannot get orders, so it fails fast here instead of sending
-    the bond-order search into a combinatorial enumeration.
+    def search(k: int) -> bool:
+        if k == len(edges):
+            return not any(need)
+        visits[0] += 1
+        if visits[0] > _MAX_SEARCH:
+            return False
+        i, j = edges[k]
+        left[i] -= 1
+        left[j] -= 1
+        for v in (2, 1, 0):
+            if need[i] >= v and need[j] >= v and need[i] - v <= 2 * left[i] and need[j] - v <= 2 * left[j]:
+                need[i] -= v
+                need[j] -= v
+                b[k] = v
+                if search(k + 1):
+                    return True
+                need[i] += v
+                need[j] += v
+        left[i] += 1
+        left[j] += 1
+        return False
+
+    return b if search(0) else None
+
+
+def _bonded(types, pos):
+    """(molecule or None, stable (m,) bool) for heavy atoms of `types` at pos (m, 3).
+
+    The molecule: heavy atoms bonded by distance with bond orders that give every atom its
+    neutral valence (VALENCES) together with its hydrogens, hydrogen counts set, sanitised; None
+    when connectivity fails, no such orders exist, or RDKit rejects the result. Fragments are
+    kept. stable[i]: atom i's valence is exactly filled: all atoms when the orders exist, else
+    the atoms whose single bonds and hydrogens already fill it.
     """
-    from rdkit.Chem import rdDetermineBonds
-    if len(z) == 0:
-        return None, None
-    conn = _atoms_mol(z, pos)
-    try:
-        rdDetermineBonds.DetermineConnectivity(conn)
-    except (ValueError, RuntimeError):
-        return None, None
-    if any(a.GetDegree() > _MAX_VALENCE[a.GetAtomicNum()] for a in conn.GetAtoms()):
-        return None, conn
     _, Chem, _ = _rdkit()
-    mol = Chem.Mol(conn)
+    from rdkit.Chem import rdDetermineBonds
+    if len(types) == 0:
+        return None, np.zeros(0, bool)
+    mol = _atoms_mol(types, pos)
     try:
-        rdDetermineBonds.DetermineBondOrders(mol, charge=0, maxIterations=_BOND_ORDER_ITERS)
-    except Exception:   # RDKit raises several types here (valence, MaxFindBondOrdersItersExceeded)
-        return None, conn
-    return mol, conn
+        rdDetermineBonds.DetermineConnectivity(mol)
+    except (ValueError, RuntimeError):
+        return None, np.zeros(len(types), bool)
+    # need_i = valence − hydrogens − degree: what double and triple bonds must still supply
+    need = [VALENCES[t[0]] - int(t[1:]) - mol.GetAtomWithIdx(i).GetDegree() for i, t in enumerate(types)]
+    edges = [(b.GetBeginAtomIdx(), b.GetEndAtomIdx()) for b in mol.GetBonds()]
+    extra = _extra_orders(len(types), edges, need) if min(need) >= 0 else None
+    if extra is None:
+        return None, np.array([v == 0 for v in need], bool)
+    order = (Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE)
+    rw = Chem.RWMol(mol)
+    for (i, j), v in zip(edges, extra):
+        rw.GetBondBetweenAtoms(i, j).SetBondType(order[v])
+    for i, t in enumerate(types):
+        rw.GetAtomWithIdx(i).SetNumExplicitHs(int(t[1:]))
+    mol = rw.GetMol()
+    try:
+        Chem.SanitizeMol(mol)
+    except (ValueError, RuntimeError):
+        return None, np.ones(len(types), bool)
+    return mol, np.ones(len(types), bool)
+
+
+def _with_hydrogens(mol):
+    """mol (heavy atoms, sanitised, one conformer) -> a copy with hydrogen atoms at 3-D positions
+    (RDKit's AddHs(addCoords=True): after the heavy atoms, each bonded to one) and stereo
+    assigned from the coordinates."""
+    _, Chem, _ = _rdkit()
+    m = Chem.AddHs(mol, addCoords=True)
+    Chem.AssignStereochemistryFrom3D(m)
+    return m
 
 
 def decode(x) -> list:
     """States x: (n, N_MAX, 3 + K) -> n RDKit Mols with explicit H and a conformer, or None.
 
-    Types are the argmax over the K channels, "none" nodes are dropped, bonds are determined
-    from the geometry by RDKit (rdDetermineBonds, charge 0; it sanitises and embeds chirality
-    from 3-D). None where the state is non-finite, empty or bond determination fails.
-    Disconnected fragments are kept; `evaluate` counts them as invalid.
+    Heavy atom i of a molecule is the i-th present node (same coordinates); hydrogens follow,
+    placed by RDKit. None where the state is non-finite, empty or has no valence-exact bond
+    orders (see the module docstring). Disconnected fragments are kept; `evaluate` counts them
+    as invalid.
     """
     _rdkit()
     from rdkit.rdBase import BlockLogs
@@ -163,7 +240,8 @@ def decode(x) -> list:
     with BlockLogs():   # failures are expected for generated states; they become None
         for xi in x:
             atoms = _atoms(xi)
-            out.append(None if atoms is None else _bonded(*atoms)[0])
+            mol = None if atoms is None else _bonded(*atoms)[0]
+            out.append(None if mol is None else _with_hydrogens(mol))
     return out
 
 
@@ -177,19 +255,21 @@ def smiles(mol) -> str:
 
 
 def passes_filter(smiles_string: str) -> bool:
-    """Whether a SMILES enters the data set: it parses, is one fragment, has only C/N/O/F heavy
-    atoms, no formal charge, no radical, at most MAX_HEAVY heavy atoms and at most N_MAX atoms
-    with explicit hydrogens."""
+    """Whether a SMILES enters the data set: it parses, is one fragment of at most MAX_HEAVY heavy
+    atoms, and every heavy atom has a type in TYPES (C/N/O/F, neutral, no radical, at most
+    MAX_HYDROGENS attached hydrogens)."""
     _, Chem, _ = _rdkit()
     from rdkit.rdBase import BlockLogs
     with BlockLogs():
         mol = Chem.MolFromSmiles(smiles_string)
     if mol is None or len(Chem.GetMolFrags(mol)) != 1 or mol.GetNumAtoms() > MAX_HEAVY:
         return False
-    if any(a.GetSymbol() not in ELEMENTS or a.GetFormalCharge() != 0 or a.GetNumRadicalElectrons()
-           for a in mol.GetAtoms()):
+    try:
+        for a in mol.GetAtoms():
+            atom_type(a)
+    except ValueError:
         return False
-    return mol.GetNumAtoms() + sum(a.GetTotalNumHs() for a in mol.GetAtoms()) <= N_MAX
+    return True
 
 
 def split_of(smiles_string: str) -> str:
@@ -266,7 +346,7 @@ def _build(conformers_per_molecule: int, seed: int, max_molecules: int | None) -
             not_converged += sum(int(c != 0) for c, _ in res)
             states = [encode(mol, i) for i in ids]
             # a conformer whose geometry decodes to another graph would teach the flow a wrong label
-            good = [xi for xi in states if (m := _bonded(*_atoms(xi.double()))[0]) is not None and smiles(m) == key]
+            good = [xi for xi, m in zip(states, decode(torch.stack(states))) if m is not None and smiles(m) == key]
             mismatched += len(states) - len(good)
             if not good:
                 failed.append(s)
@@ -283,7 +363,7 @@ def _build(conformers_per_molecule: int, seed: int, max_molecules: int | None) -
         "source": "RDKit's NCI set, RDConfig.RDDataDir/NCI/first_5K.smi (ships with RDKit, no download)",
         "rdkit_version": rdkit.__version__,
         "filter": (f"parses; one fragment; heavy atoms only {'/'.join(ELEMENTS)}; no formal charge or "
-                   f"radical; ≤ {MAX_HEAVY} heavy atoms and ≤ {N_MAX} atoms with explicit H; "
+                   f"radical; ≤ {MAX_HEAVY} heavy atoms, each with at most {MAX_HYDROGENS} hydrogens; "
                    "duplicates by canonical SMILES without stereo removed (first kept)"),
         "nci_entries": len(lines),
         "molecules_passing_filter": n_passed,
@@ -292,15 +372,16 @@ def _build(conformers_per_molecule: int, seed: int, max_molecules: int | None) -
                        f"NCI SMILES with explicit H, then MMFF94 relaxation (maxIters {MMFF_MAX_ITERS})"),
         "conformers_per_molecule": conformers_per_molecule,
         "seed": seed,
-        "roundtrip": ("conformers whose geometry does not decode (rdDetermineBonds, charge 0) to the "
-                      "molecule's canonical SMILES are dropped"),
+        "roundtrip": ("conformers whose heavy-atom state does not decode (connectivity from distances, "
+                      "valence-exact bond orders) to the molecule's canonical SMILES are dropped"),
         "conformers_dropped_roundtrip": mismatched,
         "conformers_mmff_not_converged": not_converged,
         "molecules_failed": failed,
         "split": (f"by molecule: test when the first 8 bytes of SHA-256(canonical SMILES) / 2^64 "
                   f"< {TEST_FRACTION}"),
-        "state": (f"(N_MAX={N_MAX}, 3+K={3 + K}): Å coordinates centred on the atoms' mean, absent nodes "
-                  f"at 0; {TYPE_SCALE} · one-hot over {list(TYPES)}; heavy atoms, then H, then absent"),
+        "state": (f"(N_MAX={N_MAX}, 3+K={3 + K}) per molecule, one node per heavy atom: Å coordinates of the "
+                  f"heavy atoms (from the conformer with hydrogens) centred on their mean, absent nodes at 0; "
+                  f"{TYPE_SCALE} · one-hot over {list(TYPES)} (element and attached hydrogens)"),
         "train_molecules": len(names["train"]), "test_molecules": len(names["test"]),
         "train_conformers": len(rows["train"]), "test_conformers": len(rows["test"]),
         "cache_version": CACHE_VERSION,
@@ -362,21 +443,6 @@ def _sanitized(mol):
     return m
 
 
-def _stable_atoms(mol) -> np.ndarray:
-    """(atoms,) bool: the sum of Kekulé bond orders is an allowed valence of the element (VALENCES)."""
-    _, Chem, _ = _rdkit()
-    m = Chem.Mol(mol)
-    if any(b.GetIsAromatic() for b in m.GetBonds()):
-        try:
-            Chem.Kekulize(m, clearAromaticFlags=True)
-        except (ValueError, RuntimeError):
-            return np.zeros(m.GetNumAtoms(), dtype=bool)
-    valence = np.zeros(m.GetNumAtoms())
-    for b in m.GetBonds():
-        valence[[b.GetBeginAtomIdx(), b.GetEndAtomIdx()]] += b.GetBondTypeAsDouble()
-    return np.array([valence[a.GetIdx()] in VALENCES[a.GetSymbol()] for a in m.GetAtoms()], dtype=bool)
-
-
 def _dipole_of(mol) -> float:
     """|Σ q_i (r_i − r̄)| in e·Å with Gasteiger charges q_i, over all atoms of a sanitised Mol
     with a conformer; NaN when a charge is undefined."""
@@ -434,12 +500,13 @@ def properties(mols) -> dict:
 def evaluate(x, train_smiles=None, level: float = 0.1) -> dict:
     """Independent RDKit checks of generated states x: (n, N_MAX, 3 + K). Returns floats:
 
-    decoded: fraction where bonds could be determined; validity: fraction that decode,
-    sanitise and form one fragment (the data are single molecules); uniqueness: distinct
-    canonical SMILES among valid / valid; novelty: fraction of the distinct valid SMILES not
-    in train_smiles (NaN without it); atom_stability: fraction of atoms whose Kekulé bond-order
-    sum is an allowed valence (VALENCES), with single bonds from connectivity where bond orders
-    could not be determined; molecule_stability: fraction of molecules with every atom stable;
+    decoded: fraction that decode (valence-exact bond orders exist and RDKit sanitises the
+    molecule); validity: fraction that decode and form one fragment (the data are single
+    molecules); uniqueness: distinct canonical SMILES among valid / valid; novelty: fraction of
+    the distinct valid SMILES not in train_smiles (NaN without it); atom_stability: fraction of
+    atoms whose valence (VALENCES) is exactly filled by bond orders and hydrogens (all atoms of
+    a molecule with valence-exact orders; else those filled by single bonds to their neighbours
+    by distance); molecule_stability: fraction of molecules with every atom stable;
     <prop>_mean and <prop>_cvar_left / _cvar_right at tail mass `level` over valid molecules for
     qed, logp and dipole (NaN with fewer than one valid). Ratios over nothing are NaN.
     """
@@ -452,14 +519,12 @@ def evaluate(x, train_smiles=None, level: float = 0.1) -> dict:
     with BlockLogs():
         for xi in x:
             atoms = _atoms(xi)
-            mol, conn = _bonded(*atoms) if atoms is not None else (None, None)
+            mol, stable = _bonded(*atoms) if atoms is not None else (None, np.zeros(0, bool))
             mols.append(mol)
-            m_atoms = len(atoms[0]) if atoms is not None else 0
-            stable = _stable_atoms(mol if mol is not None else conn) if conn is not None else np.zeros(m_atoms, bool)
             stable_atoms += int(stable.sum())
-            n_atoms += m_atoms
-            stable_mols += int(m_atoms > 0 and bool(stable.all()))
-        valid = [m for m in map(_sanitized, mols) if m is not None and len(Chem.GetMolFrags(m)) == 1]
+            n_atoms += len(stable)
+            stable_mols += int(len(stable) > 0 and bool(stable.all()))
+        valid = [_with_hydrogens(m) for m in mols if m is not None and len(Chem.GetMolFrags(m)) == 1]
     unique = {smiles(m) for m in valid}
     out = {"n": n, "decoded": sum(m is not None for m in mols) / n, "validity": len(valid) / n,
            "uniqueness": len(unique) / len(valid) if valid else math.nan,
@@ -482,8 +547,9 @@ def evaluate(x, train_smiles=None, level: float = 0.1) -> dict:
 # --- output ----------------------------------------------------------------------------------
 def to_sdf(x, path) -> Path:
     """Write each state of x: (n, N_MAX, 3 + K) as an SDF record with explicit H and 3-D
-    coordinates: the decoded molecule, or its bare atoms without bonds where decoding fails
-    (property "valid" 0/1, "smiles" when valid). Non-finite states are skipped."""
+    coordinates: the decoded molecule (hydrogens placed by RDKit), or its bare heavy atoms
+    without bonds or hydrogens where decoding fails (property "valid" 0/1, "smiles" when valid).
+    Non-finite states are skipped."""
     _, Chem, _ = _rdkit()
     from rdkit.rdBase import BlockLogs
     x = _check_state(x)
@@ -554,20 +620,24 @@ def network(hidden: int = 64, layers: int = 4):
     return SE3Velocity(n_nodes=N_MAX, n_types=K, hidden=hidden, layers=layers)
 
 
-def pretrain(iters: int = 3000, *, data: DesignData | None = None, hidden: int = 64, layers: int = 4,
-             batch_size: int = 64, lr: float = 1e-3, lr_warmup: int = 100, seed: int = 0, **kwargs):
+def pretrain(iters: int = 40000, *, data: DesignData | None = None, hidden: int = 64, layers: int = 4,
+             batch_size: int = 64, lr: float = 1e-3, lr_warmup: int = 100, coupling: str = "equivariant",
+             seed: int = 0, **kwargs):
     """A base FlowModel of molecules: conditional flow matching of `network(hidden, layers)` on
-    data.train (default: load_dataset()), by tilt.pretrain. kwargs: other pretrain options (out,
-    resume, progress, report_to, ema, device, ...). Returns the EMA model; its samples are states
-    (n, N_MAX, 3 + K) for decode / evaluate / to_sdf. The run's metrics.json holds no energy
-    distance (n_eval=0: in this space it says little, and evaluate() says more)."""
+    data.train (default: load_dataset()), by tilt.pretrain. coupling "equivariant" (default)
+    aligns each noise draw to its molecule by a node permutation and a proper rotation
+    (couplings.equivariant_pairing; SciPy, which [mol] installs); "independent" does not.
+    kwargs: other pretrain options (out, resume, progress, report_to, ema, device, ...). Returns
+    the EMA model; its samples are states (n, N_MAX, 3 + K) for decode / evaluate / to_sdf. The
+    run's metrics.json holds no energy distance (n_eval=0: in this space it says little, and
+    evaluate() says more). About 40 min on one CPU thread at the defaults."""
     from ..methods.pretrain import pretrain as flow_matching
     data = load_dataset() if data is None else data
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = network(hidden, layers)
     return flow_matching(data.train, iters, network=net, batch_size=batch_size, lr=lr, lr_warmup=lr_warmup,
-                         seed=seed, **{"n_eval": 0, **kwargs})
+                         coupling=coupling, seed=seed, **{"n_eval": 0, **kwargs})
 
 
 @torch.no_grad()

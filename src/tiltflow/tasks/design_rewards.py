@@ -1,12 +1,13 @@
 """Differentiable rewards of de novo molecule states: a learned property and the MMFF94 energy.
 
     predictor, report = train_predictor(load_dataset(), "dipole")   # report: held-out MAE, R², ...
+    predictor, report = cached_predictor("dipole")     # a 4-seed PredictorEnsemble, trained once, cached
     r = PropertyReward(predictor)          # r(x) = predictor(x), ∇ wrt coordinates and type channels
     r = EnergyReward(clip=100.0)           # r(x) = −E_MMFF94(decode(x)), ∇ wrt present coordinates
     save_predictor(predictor, path, report); load_predictor(path)     # safetensors, no pickle
 
-States are design.py's: x (batch, N_MAX, 3 + K), coordinates in Å then TYPE_SCALE·one-hot type
-channels ("none" marks an absent node). The property labels are computed by RDKit on the data
+States are design.py's: x (batch, N_MAX, 3 + K), one node per heavy atom, coordinates in Å then
+TYPE_SCALE·one-hot type channels (element and attached hydrogens; "none" marks an absent node). The property labels are computed by RDKit on the data
 (Gasteiger-charge dipole, Crippen logP); the predictor is the differentiable stand-in the
 fine-tuning solvers need, with its held-out error reported next to it.
 """
@@ -34,6 +35,7 @@ __all__ = [
     "INVALID_ENERGY",
     "PROPERTIES",
     "EnergyReward",
+    "PredictorEnsemble",
     "PropertyPredictor",
     "PropertyReward",
     "cached_predictor",
@@ -133,11 +135,37 @@ class PropertyPredictor(nn.Module):
         return (mu.pow(2).sum(-1) * self.std ** 2 + 1e-8).sqrt()
 
 
-def save_predictor(predictor: PropertyPredictor, path, report: dict | None = None) -> Path:
+class PredictorEnsemble(nn.Module):
+    """The mean of PropertyPredictors of one property trained from different seeds:
+    x (batch, N_MAX, 3 + K) -> (batch,). Averaging removes most of the seed-to-seed spread of
+    a predictor's held-out error, which is large on a few hundred training molecules."""
+
+    def __init__(self, members):
+        super().__init__()
+        members = list(members)
+        if not members or not all(isinstance(m, PropertyPredictor) for m in members):
+            raise ValueError("members must be a non-empty list of PropertyPredictors")
+        if len({json.dumps(m.config(), sort_keys=True) for m in members}) != 1:
+            raise ValueError("members must share one architecture and property (config())")
+        self.members = nn.ModuleList(members)
+        self.property, self.readout = members[0].property, members[0].readout
+
+    def config(self) -> dict:
+        return {**self.members[0].config(), "members": len(self.members)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, N_MAX, 3 + K) (or flat) -> (batch,)."""
+        return torch.stack([m(x) for m in self.members]).mean(0)
+
+
+PREDICTORS = (PropertyPredictor, PredictorEnsemble)
+
+
+def save_predictor(predictor: PropertyPredictor | PredictorEnsemble, path, report: dict | None = None) -> Path:
     """Write weights, architecture and (optionally) the training report to one safetensors file."""
     from safetensors.torch import save_file
-    if not isinstance(predictor, PropertyPredictor):
-        raise ValueError(f"predictor must be a PropertyPredictor, got {type(predictor).__name__}")
+    if not isinstance(predictor, PREDICTORS):
+        raise ValueError(f"predictor must be a PropertyPredictor or PredictorEnsemble, got {type(predictor).__name__}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in predictor.state_dict().items()}
@@ -148,12 +176,15 @@ def save_predictor(predictor: PropertyPredictor, path, report: dict | None = Non
     return path
 
 
-def load_predictor(path, device=None) -> PropertyPredictor:
+def load_predictor(path, device=None) -> PropertyPredictor | PredictorEnsemble:
     """Rebuild a predictor written by `save_predictor` (nothing is unpickled); its report is `.report`."""
     from safetensors.torch import load_file
     from ..checkpoint import read_metadata
     meta = read_metadata(path, FORMAT, "property predictor", "predictor")
-    predictor = PropertyPredictor(**json.loads(meta["config"]))
+    config = json.loads(meta["config"])
+    members = config.pop("members", None)
+    predictor = (PropertyPredictor(**config) if members is None
+                 else PredictorEnsemble(PropertyPredictor(**config) for _ in range(members)))
     predictor.load_state_dict(load_file(str(path)), strict=True)
     predictor.report = json.loads(meta.get("report", "{}"))
     return predictor.eval().to(device) if device is not None else predictor.eval()
@@ -184,15 +215,18 @@ def _fit_report(predictor, x, y) -> dict:
 def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, *, readout: str = "dipole",
                   property: str = "custom", iters: int = 2000, seed: int = 0, batch_size: int = 64,
                   lr: float = 2e-3, hidden: int = 64, layers: int = 4, coord_noise: float = 0.05,
-                  type_noise: float = 0.2, progress: bool = False) -> tuple[PropertyPredictor, dict]:
+                  type_noise: float = 0.2, members: int = 1,
+                  progress: bool = False) -> tuple[PropertyPredictor | PredictorEnsemble, dict]:
     """Train a PropertyPredictor by mean squared error on (x_train, y_train); report on the test set.
+    members > 1: that many, from seeds seed, seed + 1, …, averaged (a PredictorEnsemble).
 
     x_*: (n, N_MAX, 3 + K); y_*: (n,) labels (NaN rows are dropped). Each batch is augmented with
     Gaussian noise of std `coord_noise` Å on the coordinates and `type_noise` on the type channels
     (the reward sees generated states, whose type channels are not exactly one-hot); labels stay
     those of the clean states. Adam with a cosine learning rate from `lr` to lr/100, gradient norm
     clipped at 1, through training.Trainer. Report: held-out mae, rmse, label_std, r2, n; the
-    train-set mae; n_train and train_seconds.
+    train-set mae; n_train, members and train_seconds; with members > 1 each member's held-out
+    mae (member_mae).
     """
     one_of(readout, "readout", READOUTS)
     positive_int(iters, "iters"), positive_int(batch_size, "batch_size")
@@ -209,16 +243,36 @@ def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, 
         xs.append(xx[torch.as_tensor(keep)])
         ys.append(yy[keep])
     (x_train, x_test), (y_train, y_test) = xs, ys
-    with torch.random.fork_rng(devices=[]):   # the initial weights from `seed`, the caller's RNG untouched
-        torch.manual_seed(seed)               # (batches and noise come from `gen`)
-        predictor = PropertyPredictor(hidden, layers, readout=readout, property=property)
     y = torch.as_tensor(y_train, dtype=torch.float32)
     std = float(y.std())
     if not std > 0:
         raise ValueError(f"y_train must vary to be learned, got {len(y)} labels all equal to {float(y[0])}")
-    predictor.std.fill_(std)
-    if readout == "sum":
-        predictor.mean.fill_(float(y.mean()))
+    members = positive_int(members, "members")
+    t0 = time.perf_counter()
+    fits = []
+    for k in range(members):
+        with torch.random.fork_rng(devices=[]):   # the initial weights from the seed, the caller's RNG untouched
+            torch.manual_seed(seed + k)           # (batches and noise come from `gen`)
+            predictor = PropertyPredictor(hidden, layers, readout=readout, property=property)
+        predictor.std.fill_(std)
+        if readout == "sum":
+            predictor.mean.fill_(float(y.mean()))
+        fits.append(_fit_one(predictor, x_train, y, std, seed + k, iters, batch_size, lr, coord_noise, type_noise,
+                             progress))
+    seconds = time.perf_counter() - t0
+    predictor = fits[0] if members == 1 else PredictorEnsemble(fits).eval()
+    report = {"property": property, "readout": readout, "iters": iters, "members": members,
+              **_fit_report(predictor, x_test, y_test),
+              "train_mae": _fit_report(predictor, x_train, y_train)["mae"], "n_train": int(len(y_train)),
+              "train_seconds": seconds}
+    if members > 1:
+        report["member_mae"] = [_fit_report(m, x_test, y_test)["mae"] for m in fits]
+    predictor.report = report
+    return predictor, report
+
+
+def _fit_one(predictor, x_train, y, std, seed, iters, batch_size, lr, coord_noise, type_noise, progress):
+    """Train one PropertyPredictor in place (see fit_predictor) and return it in eval mode."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(predictor.parameters(), lr=lr)
 
@@ -235,20 +289,13 @@ def fit_predictor(x_train: torch.Tensor, y_train, x_test: torch.Tensor, y_test, 
                       gens={0: gen}, iters=iters, config={"iters": iters}, lr_at=cosine(lr, lr / 100, iters),
                       grad_clip=1.0, max_nonfinite=20, checkpoint_every=iters, progress=progress,
                       log_when=lambda done: done % 100 == 0)
-    t0 = time.perf_counter()
     predictor.train()
     trainer.run(step)
-    seconds = time.perf_counter() - t0
-    predictor.eval()
-    report = {"property": property, "readout": readout, "iters": iters, **_fit_report(predictor, x_test, y_test),
-              "train_mae": _fit_report(predictor, x_train, y_train)["mae"], "n_train": int(len(y_train)),
-              "train_seconds": seconds}
-    predictor.report = report
-    return predictor, report
+    return predictor.eval()
 
 
 def train_predictor(data, property: str = "dipole", iters: int = 2000, seed: int = 0,
-                    **kwargs) -> tuple[PropertyPredictor, dict]:
+                    **kwargs) -> tuple[PropertyPredictor | PredictorEnsemble, dict]:
     """Train a predictor of an RDKit property on design data; report its held-out error.
 
     data: design.DesignData (.train, .test states). property: "dipole" (Gasteiger dipole, the
@@ -263,28 +310,30 @@ def train_predictor(data, property: str = "dipole", iters: int = 2000, seed: int
                          iters=iters, seed=seed, **kwargs)
 
 
-def cached_predictor(property: str = "dipole", data=None, iters: int = 2000, seed: int = 0, *, cache_dir=None,
-                     use_cache: bool = True) -> tuple[PropertyPredictor, dict]:
+def cached_predictor(property: str = "dipole", data=None, iters: int = 2000, seed: int = 0, *, members: int = 4,
+                     cache_dir=None, use_cache: bool = True) -> tuple[PropertyPredictor | PredictorEnsemble, dict]:
     """The predictor of `property` trained on the design data: loaded from the cache, or trained
-    once by train_predictor and saved there. Returns (predictor, report).
+    once by train_predictor and saved there. Returns (predictor, report). members: an ensemble of
+    that many seeds (default 4; about 50 s each on one CPU thread at iters=2000).
 
     data: design.DesignData (default load_dataset(cache_dir)). The file is
     `design-predictor-<property>-<key>.safetensors` beside the data (`cache_dir`, default
     $TILTFLOW_CACHE/molecules or ~/.cache/tiltflow/molecules), keyed by the data's recipe,
-    property, iters, seed and this module's FORMAT.
+    property, iters, seed, members and this module's FORMAT.
     """
     one_of(property, "property", PROPERTIES)
+    members = positive_int(members, "members")
     if data is None:
         from .design import load_dataset
         data = load_dataset(cache_dir)
     recipe = {k: v for k, v in data.recipe.items() if k != "build_seconds"}   # timing is not content
-    key = hashlib.sha256(f"{FORMAT}|{property}|{iters}|{seed}|{json.dumps(recipe, sort_keys=True)}"
+    key = hashlib.sha256(f"{FORMAT}|{property}|{iters}|{seed}|{members}|{json.dumps(recipe, sort_keys=True)}"
                          .encode()).hexdigest()[:16]
     path = _cache_dir(cache_dir) / f"design-predictor-{property}-{key}.safetensors"
     if use_cache and path.is_file():
         predictor = load_predictor(path)
         return predictor, predictor.report
-    predictor, report = train_predictor(data, property, iters=iters, seed=seed)
+    predictor, report = train_predictor(data, property, iters=iters, seed=seed, members=members)
     if use_cache:
         save_predictor(predictor, path, report)
     return predictor, report
@@ -302,9 +351,9 @@ class PropertyReward:
 
     name = "property"
 
-    def __init__(self, predictor: PropertyPredictor, scale: float = 1.0):
-        if not isinstance(predictor, PropertyPredictor):
-            raise ValueError(f"predictor must be a PropertyPredictor, got {type(predictor).__name__}")
+    def __init__(self, predictor: PropertyPredictor | PredictorEnsemble, scale: float = 1.0):
+        if not isinstance(predictor, PREDICTORS):
+            raise ValueError(f"predictor must be a PropertyPredictor or PredictorEnsemble, got {type(predictor).__name__}")
         self.scale = finite(scale, "scale")
         self.predictor = copy.deepcopy(predictor).eval().requires_grad_(False)
         self.name = predictor.property
@@ -312,8 +361,9 @@ class PropertyReward:
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         x = _states(x)
         p = next(self.predictor.parameters())
-        if self.predictor.mean.device != x.device:
+        if p.device != x.device:
             self.predictor.to(x.device)
+            p = next(self.predictor.parameters())
         return self.scale * self.predictor(x.to(p.dtype)).to(x.dtype)
 
     def __repr__(self) -> str:
@@ -324,9 +374,9 @@ class EnergyReward:
     """r(x) = −min(E_MMFF94(decode(x)), clip) / scale in kcal/mol; x: (batch, N_MAX, 3 + K) -> (batch,).
 
     Each state is decoded by design.decode (types by argmax, bonds from geometry) and scored by
-    RDKit's MMFF94 at the coordinates of its present nodes; the gradient is RDKit's analytic one
-    (tasks.molecules' MMFF function) on those coordinates, zero on absent nodes and on the type
-    channels. A state that does not decode, holds a non-finite number, or that MMFF94 cannot
+    RDKit's MMFF94 with its heavy atoms at the present nodes' coordinates and its hydrogens
+    relaxed (see `energy`); the gradient is RDKit's analytic one (tasks.molecules' MMFF function)
+    on the heavy atoms, zero on absent nodes and on the type channels. A state that does not decode, holds a non-finite number, or that MMFF94 cannot
     type is charged `invalid_energy` (default INVALID_ENERGY = 1000 kcal/mol, so r = −1000/scale)
     with zero gradient. `clip` (kcal/mol, None = off) caps the energy so one exploding conformer
     does not dominate a batch (its gradient is then zero); it must not exceed invalid_energy, so
@@ -336,8 +386,9 @@ class EnergyReward:
     name = "mmff"
 
     def __init__(self, scale: float = 1.0, clip: float | None = None, invalid_energy: float = INVALID_ENERGY,
-                 nonbonded_cutoff: float = 100.0):
+                 nonbonded_cutoff: float = 100.0, hydrogen_iters: int = 500):
         _rdkit()
+        self.hydrogen_iters = positive_int(hydrogen_iters, "hydrogen_iters")
         self.scale = positive(scale, "scale")
         self.invalid_energy = finite(invalid_energy, "invalid_energy")
         self.clip = None if clip is None else finite(clip, "clip")
@@ -347,19 +398,37 @@ class EnergyReward:
         self.nonbonded_cutoff = positive(nonbonded_cutoff, "nonbonded_cutoff")
 
     def _force_field(self, mol):
-        """MMFF94 force field of a decoded molecule, or None when MMFF cannot type it."""
+        """(MMFF94 force field, its properties) of a decoded molecule, or None when MMFF cannot type it."""
         from rdkit.Chem import AllChem
         try:
             props = AllChem.MMFFGetMoleculeProperties(mol)
             if props is None:
                 return None
-            return AllChem.MMFFGetMoleculeForceField(mol, props, nonBondedThresh=self.nonbonded_cutoff)
+            return AllChem.MMFFGetMoleculeForceField(mol, props, nonBondedThresh=self.nonbonded_cutoff), props
         except Exception:  # noqa: BLE001 — RDKit raises several types on molecules it cannot handle
             return None
 
+    def _relax_hydrogens(self, mol, props, n_heavy: int) -> np.ndarray:
+        """(atoms, 3) positions of mol with its heavy atoms (the first n_heavy) fixed and its
+        hydrogens moved to a minimum of E_MMFF94 (L-BFGS from RDKit's placement, hydrogen_iters)."""
+        _, Chem, AllChem = _rdkit()
+        m = Chem.Mol(mol)
+        ff = AllChem.MMFFGetMoleculeForceField(m, props, nonBondedThresh=self.nonbonded_cutoff)
+        for i in range(n_heavy):
+            ff.AddFixedPoint(i)
+        ff.Minimize(maxIts=self.hydrogen_iters)
+        return np.asarray(ff.Positions()).reshape(-1, 3)
+
     def energy(self, x: torch.Tensor) -> torch.Tensor:
-        """E_MMFF94 in kcal/mol, (batch,), differentiable in the present coordinates; invalid_energy
-        where the state does not decode or cannot be typed (not clipped)."""
+        """E*(x) = min over hydrogen positions of E_MMFF94 in kcal/mol, heavy atoms at x's present
+        nodes: (batch,), differentiable in the present coordinates; invalid_energy where the state
+        does not decode or cannot be typed (not clipped).
+
+        Hydrogens are not in the state, so they are relaxed: from RDKit's placement (design.decode)
+        to a minimum of the energy with the heavy atoms fixed. At that minimum their forces vanish,
+        so ∇E* wrt the heavy atoms is ∂E/∂r_heavy at the relaxed hydrogens (the envelope theorem),
+        which is what is returned; it is exact to the relaxation's convergence.
+        """
         from .design import decode
         x = _states(x)
         ok = torch.isfinite(x.detach()).flatten(1).all(1)
@@ -369,16 +438,17 @@ class EnergyReward:
         present = safe.detach()[..., 3:].argmax(-1) != TYPES.index("none")             # (batch, N)
         out = []
         for b, mol in enumerate(mols):
-            ff = None
-            idx = present[b].nonzero()[:, 0]
-            if bool(ok[b]) and mol is not None and mol.GetNumAtoms() == len(idx):
-                ff = self._force_field(mol)
-            if ff is None:
+            field = self._force_field(mol) if bool(ok[b]) and mol is not None else None
+            if field is None:
                 # the zero-weighted term keeps the output in x's graph (a batch of invalid states
                 # still has a gradient, zero) without carrying NaN: `safe` is finite
                 out.append(safe[b, 0, 0] * 0.0 + self.invalid_energy)
-            else:
-                out.append(_MMFFEnergy.apply(safe[b, idx, :3].reshape(1, -1), ff)[0])
+                continue
+            ff, props = field
+            heavy = safe[b, present[b].nonzero()[:, 0], :3]       # (m, 3): decode keeps node order
+            m = heavy.shape[0]
+            h = torch.as_tensor(self._relax_hydrogens(mol, props, m)[m:], dtype=x.dtype, device=x.device)
+            out.append(_MMFFEnergy.apply(torch.cat([heavy, h]).reshape(1, -1), ff)[0])
         return torch.stack(out)
 
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
