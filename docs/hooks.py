@@ -12,6 +12,10 @@ Two forms are replaced in each page's Markdown before it is rendered:
   omit the file: ``{{ table/base/samples/mean | .2f }}``. A path that starts with ``-`` gives the
   negated number; a list of numbers prints as a comma-separated list.
 
+Figures: every PNG in benchmarks/results/ is added to the site as ``results/<name>.png``, so a page
+shows one next to its numbers with ``![…](results/<name>.png)`` (a missing file is a broken link,
+which the strict build refuses).
+
 A JSON null prints as "—" (not measured for that row). A missing file, a missing key or a value
 that cannot be formatted raises, so ``mkdocs build`` fails instead of printing a number that no
 longer matches its file.
@@ -35,6 +39,15 @@ _cache: dict[Path, object] = {}   # one build's parsed files; cleared before eac
 
 def on_pre_build(config) -> None:
     _cache.clear()
+
+
+def on_files(files, config):
+    """Add benchmarks/results/*.png to the site as results/<name>.png (the JSONs stay out)."""
+    from mkdocs.structure.files import File
+    for png in sorted(RESULTS.glob("*.png")):
+        files.append(File(f"results/{png.name}", src_dir=str(RESULTS.parent), dest_dir=config["site_dir"],
+                          use_directory_urls=config["use_directory_urls"]))
+    return files
 
 
 def load(name: str) -> object:
