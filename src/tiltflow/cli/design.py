@@ -30,7 +30,7 @@ class DesignConfig:
     pretrain_lr: float = 1e-3
     pretrain_coupling: str = "equivariant"   # "equivariant": noise aligned to each molecule (node permutation, proper rotation), or "independent"
     reward: str = "dipole"                # dipole: a learned Gasteiger dipole (e·Å); mmff: −MMFF94 energy / 100
-    predictor_iters: int = 2000           # optimiser steps of the dipole predictor (trained once, cached)
+    predictor_iters: int = 2000           # optimiser steps of each of the dipole predictor's 4 seeds (trained once, cached)
     objective: str = "cvar"               # expected or cvar
     level: float = 0.1                    # CVaR tail mass β
     tail: str = "right"                   # CVaR tail; right: seek the highest property values
