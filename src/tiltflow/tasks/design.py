@@ -563,12 +563,12 @@ def to_sdf(x, path) -> Path:
                 atoms = _atoms(xi)
                 if atoms is None:
                     continue
-                m = _sanitized(mol)
-                record = m if m is not None else _atoms_mol(*atoms)
+                # decode's molecules are sanitised already; a failure is written as its bare atoms
+                record = mol if mol is not None else _atoms_mol(*atoms)
                 record.SetProp("_Name", f"sample {i}")
-                record.SetIntProp("valid", int(m is not None))
-                if m is not None:
-                    record.SetProp("smiles", smiles(m))
+                record.SetIntProp("valid", int(mol is not None))
+                if mol is not None:
+                    record.SetProp("smiles", smiles(mol))
                 writer.write(record)
     finally:
         writer.close()

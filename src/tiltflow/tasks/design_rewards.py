@@ -7,9 +7,10 @@
     save_predictor(predictor, path, report); load_predictor(path)     # safetensors, no pickle
 
 States are design.py's: x (batch, N_MAX, 3 + K), one node per heavy atom, coordinates in Å then
-TYPE_SCALE·one-hot type channels (element and attached hydrogens; "none" marks an absent node). The property labels are computed by RDKit on the data
-(Gasteiger-charge dipole, Crippen logP); the predictor is the differentiable stand-in the
-fine-tuning solvers need, with its held-out error reported next to it.
+TYPE_SCALE·one-hot type channels (element and attached hydrogens; "none" marks an absent node).
+The property labels are computed by RDKit on the data (Gasteiger-charge dipole, Crippen logP);
+the predictor is the differentiable stand-in the fine-tuning solvers need, with its held-out
+error reported next to it.
 """
 
 from __future__ import annotations
@@ -353,7 +354,8 @@ class PropertyReward:
 
     def __init__(self, predictor: PropertyPredictor | PredictorEnsemble, scale: float = 1.0):
         if not isinstance(predictor, PREDICTORS):
-            raise ValueError(f"predictor must be a PropertyPredictor or PredictorEnsemble, got {type(predictor).__name__}")
+            raise ValueError(f"predictor must be a PropertyPredictor or PredictorEnsemble, "
+                             f"got {type(predictor).__name__}")
         self.scale = finite(scale, "scale")
         self.predictor = copy.deepcopy(predictor).eval().requires_grad_(False)
         self.name = predictor.property
@@ -376,11 +378,12 @@ class EnergyReward:
     Each state is decoded by design.decode (types by argmax, bonds from geometry) and scored by
     RDKit's MMFF94 with its heavy atoms at the present nodes' coordinates and its hydrogens
     relaxed (see `energy`); the gradient is RDKit's analytic one (tasks.molecules' MMFF function)
-    on the heavy atoms, zero on absent nodes and on the type channels. A state that does not decode, holds a non-finite number, or that MMFF94 cannot
-    type is charged `invalid_energy` (default INVALID_ENERGY = 1000 kcal/mol, so r = −1000/scale)
-    with zero gradient. `clip` (kcal/mol, None = off) caps the energy so one exploding conformer
-    does not dominate a batch (its gradient is then zero); it must not exceed invalid_energy, so
-    an invalid state never scores better than a decodable one.
+    on the heavy atoms, zero on absent nodes and on the type channels. A state that does not
+    decode, holds a non-finite number, or that MMFF94 cannot type is charged `invalid_energy`
+    (default INVALID_ENERGY = 1000 kcal/mol, so r = −1000/scale) with zero gradient. `clip`
+    (kcal/mol, None = off) caps the energy so one exploding conformer does not dominate a batch
+    (its gradient is then zero); it must not exceed invalid_energy, so an invalid state never
+    scores better than a decodable one.
     """
 
     name = "mmff"
@@ -412,7 +415,9 @@ class EnergyReward:
         """(atoms, 3) positions of mol with its heavy atoms (the first n_heavy) fixed and its
         hydrogens moved to a minimum of E_MMFF94 (L-BFGS from RDKit's placement, hydrogen_iters)."""
         _, Chem, AllChem = _rdkit()
-        m = Chem.Mol(mol)
+        m = Chem.Mol(mol)     # Minimize moves the conformer it was built on
+        # a force field of its own: RDKit zeroes the gradient of fixed points, and the energy's
+        # gradient on the heavy atoms comes from the unconstrained one in `energy`
         ff = AllChem.MMFFGetMoleculeForceField(m, props, nonBondedThresh=self.nonbonded_cutoff)
         for i in range(n_heavy):
             ff.AddFixedPoint(i)
