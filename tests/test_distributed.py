@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -98,25 +99,48 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     assert {"model.safetensors", "metrics.json", "config.json"} <= {p.name for p in (tmp_path / "rank0" / "pre").iterdir()}
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_torchrun_runs_the_cli_finetune_on_gloo(tmp_path):
     """`torchrun --nproc_per_node 2 -m tiltflow finetune ...` on CPU: exit 0, one run folder.
 
-    --base-run, not --run: torchrun's own parser rejects --run as an abbreviation of --run-path."""
+    --base-run, not --run: torchrun's own parser rejects --run as an abbreviation of --run-path.
+
+    Rarely (in one CI run of several; never in 60 runs here, alone or three at once on 2 cores) a
+    process has aborted with TEARDOWN_ABORT, from torch's C++ runtime, the output that said where
+    cut off. If that happens once the run folder is complete (so past finetune's final barrier: at
+    teardown, a race inside gloo after distributed.shutdown's barrier and destroy_process_group),
+    the command runs once more and must then exit 0; faulthandler prints where each process was."""
     gaussian_base().save(tmp_path / "base" / "model.safetensors")
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     if not os.path.exists(torchrun):
         pytest.skip("torchrun is not installed next to this Python")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "tiltflow",
-           "finetune", "--base-run", str(tmp_path / "base"), "--out", str(tmp_path / "ft"), "--iters", "4",
-           "--batch-size", "16", "--steps", "5", "--n-offline", "32", "--n-eval", "100", "--n-kl", "0",
-           "--no-progress"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    names = {p.name for p in (tmp_path / "ft").iterdir()}
-    assert {"model.safetensors", "metrics.json", "log.jsonl", "config.json"} <= names
-    assert len((tmp_path / "ft" / "log.jsonl").read_text().splitlines()) == 4
-    assert res.stdout.count("wrote ") == 1   # rank 0 alone reports
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "PYTHONFAULTHANDLER": "1"}
+
+    def run(out):
+        cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "tiltflow",
+               "finetune", "--base-run", str(tmp_path / "base"), "--out", str(out), "--iters", "4",
+               "--batch-size", "16", "--steps", "5", "--n-offline", "32", "--n-eval", "100", "--n-kl", "0",
+               "--no-progress"]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+
+    def check_run_folder(out, res, reported=True):
+        names = {p.name for p in out.iterdir()} if out.exists() else set()
+        assert {"model.safetensors", "metrics.json", "log.jsonl", "config.json"} <= names, res.stderr[-8000:]
+        assert len((out / "log.jsonl").read_text().splitlines()) == 4
+        if reported:     # (a process killed by torchrun loses its buffered stdout)
+            assert res.stdout.count("wrote ") == 1   # rank 0 alone reports
+
+    out = tmp_path / "ft"
+    res = run(out)
+    if res.returncode != 0 and TEARDOWN_ABORT in res.stderr:
+        check_run_folder(out, res, reported=False)   # the abort came after the run was complete
+        warnings.warn(f"gloo aborted one process at exit; running once more:\n{res.stderr[-8000:]}")
+        out = tmp_path / "ft_again"
+        res = run(out)
+    assert res.returncode == 0, res.stderr[-8000:]
+    check_run_folder(out, res)
 
 
 # --- gradual_finetune and sample_energy -----------------------------------------------------
