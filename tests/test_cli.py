@@ -92,6 +92,12 @@ def test_sample_writes_npy_and_safetensors_of_the_right_shape(demo, tmp_path, ca
     assert cli.main(["sample", "--run", str(demo / "expected"), "--n", "11", "--steps", "5", "--sde",
                      "--out", str(st)]) == 0
     assert load_file(str(st))["samples"].shape == (11, 2)
+    assert cli.main(["sample", "--run", str(demo / "expected"), "--n", "11", "--steps", "5", "--sde",
+                     "--scheme", "heun", "--out", str(st)]) == 0
+    assert load_file(str(st))["samples"].shape == (11, 2) and "SDE, heun" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--run", str(demo / "pre"), "--sde", "--scheme", "huen"])
+    assert "invalid choice: 'huen'" in capsys.readouterr().err
 
     assert cli.main(["sample", "--run", str(demo / "pre"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "x.pt" in capsys.readouterr().err

@@ -635,13 +635,16 @@ def test_sd3_samples_on_the_scheduler_grid_and_2d_models_on_the_uniform_one(sd3)
         tilt.finetune(fm, _brightness, iters=1, cond=cond, grid="scheduler", progress=False)
 
 
-def test_memoryless_sde_and_lean_adjoint_converge_on_the_shifted_grid():
+@pytest.mark.parametrize("scheme", ["exponential", "heun"])
+def test_memoryless_sde_and_lean_adjoint_converge_on_the_shifted_grid(scheme):
     """On SD3's shift-3 grid (first step from t = 0, where σ(t) = ∞, to t₁ < 0.02) the memoryless
     SDE of the exact velocity of N(m, s²) keeps the path's marginals N(t m, t² s² + (1 − t)²) — the
     first step to Monte Carlo error — and the lean adjoint of r(x) = c x matches its closed form
-    ã(t) = −(c/λ) ∂E[X₁ | X_t]/∂x = −(c/λ) t s² / (t² s² + (1 − t)²), both with a first-order
-    error: doubling the steps halves the end variance's error and the adjoint's (seen 0.30 → 0.16
-    and 0.32 → 0.16; ratio ≤ 0.6 asked)."""
+    ã(t) = −(c/λ) ∂E[X₁ | X_t]/∂x = −(c/λ) t s² / (t² s² + (1 − t)²). The exponential step's
+    error is first order: doubling the steps halves the end variance's error and the adjoint's
+    (seen 0.30 → 0.16 and 0.32 → 0.16; ratio ≤ 0.6 asked). "heun" is second order: seen 0.015
+    and 0.043 at 20 steps, the adjoint's error ÷ 4.7 at 40 (≤ 0.05, ≤ 0.08 and ratio ≤ 0.35 asked;
+    the end variance's error at 40 steps is below the Monte Carlo error)."""
     from tiltflow.models.analytic import GaussianMixtureVelocity
     net = da.SD3Velocity(tiny_sd3(), 1000, 3.0)
     m, s, c_lam = 1.0, 0.5, 2.0
@@ -650,19 +653,22 @@ def test_memoryless_sde_and_lean_adjoint_converge_on_the_shifted_grid():
     for steps in (20, 40):
         grid = net.scheduler_grid(steps)
         assert grid[0] == 0.0 and grid[1] < 0.02
-        ro = am.rollout(base, 20000, grid, torch.Generator().manual_seed(0))
+        ro = am.rollout(base, 20000, grid, torch.Generator().manual_seed(0), scheme=scheme)
         t = grid.double()
         var = t**2 * s**2 + (1 - t) ** 2
         xs = ro.xs[:, :, 0].double()
         # 20000 draws: the mean's standard error is 0.007 sd, the variance's 1 %
         assert ((xs.mean(1) - t * m).abs() / var.sqrt()).max() < 0.05
         assert abs(float(xs[1].var() / var[1]) - 1) < 0.05
-        adj = am.lean_adjoint(base, am.Rollout(ro.xs[:, :2], grid), torch.full((2, 1), -c_lam))
+        adj = am.lean_adjoint(base, am.Rollout(ro.xs[:, :2], grid), torch.full((2, 1), -c_lam), scheme)
         exact = -c_lam * t * s**2 / var
         err = (adj[:, 0, 0].double() - exact).abs()
         assert err[:2].max() < 0.01 * c_lam                            # t = 0 and the first step
         errs[steps] = (abs(float(xs[-1].var()) / s**2 - 1), float(err.max()))
-    assert errs[40][0] < 0.6 * errs[20][0] and errs[40][1] < 0.6 * errs[20][1], errs
+    if scheme == "exponential":
+        assert errs[40][0] < 0.6 * errs[20][0] and errs[40][1] < 0.6 * errs[20][1], errs
+    else:
+        assert errs[20][0] < 0.05 and errs[20][1] < 0.08 and errs[40][1] < 0.35 * errs[20][1], errs
 
 
 def test_default_lora_targets_follow_diffusers_recipes():

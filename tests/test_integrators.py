@@ -58,7 +58,7 @@ def test_ode_and_memoryless_sde_share_the_marginal_on_a_mixture():
     torch.testing.assert_close(torch.cov(xo.T), torch.cov(xs.T), atol=0.08, rtol=0)
 
 
-@pytest.mark.parametrize("scheme", ["exponential", "posterior"])
+@pytest.mark.parametrize("scheme", ["exponential", "posterior", "heun"])
 def test_memoryless_schemes_converge_to_the_point_mass(scheme):
     """Data = a point mass y: every scheme must land on y (the posterior step exactly)."""
     m = FlowModel(GaussianMixtureVelocity([1.0], [[0.7, -1.2]], 1e-6 * torch.eye(2)[None]))
@@ -66,6 +66,34 @@ def test_memoryless_schemes_converge_to_the_point_mass(scheme):
     x = integrators.memoryless_solve(m.path, m.velocity, torch.randn(500, 2, generator=g),
                                      integrators.time_grid(50), g, scheme=scheme)
     torch.testing.assert_close(x, torch.tensor([0.7, -1.2]).expand(500, 2), atol=0.02, rtol=0)
+
+
+def _chain_moments(m, steps: int, scheme: str):
+    """Exact mean and covariance of X_1 from the memoryless chain of a Gaussian model: v is affine in
+    x, so each step is affine in (x, ξ), X_t = J x + K ξ + c, and N(m, S) ↦ N(J m + c, J S Jᵀ + K Kᵀ)
+    (J, K read off the step by unit vectors). No Monte Carlo, so orders can be read off exactly."""
+    grid, d = integrators.time_grid(steps, dtype=torch.float64), m.shape[0]
+    mean, cov, eye, zero = torch.zeros(1, d, dtype=torch.float64), torch.eye(d, dtype=torch.float64), \
+        torch.eye(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+    for s, t in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        step = lambda x, xi: integrators.memoryless_step(m.path, m.velocity, x, s, t, xi, scheme)  # noqa: E731
+        c = step(mean, torch.zeros_like(mean))
+        J = (step(mean + eye, zero) - c).T           # column j: the response to x = mean + e_j
+        K = (step(mean.expand(d, d), eye) - c).T      # column j: the response to ξ = e_j
+        mean, cov = c, J @ cov @ J.T + K @ K.T
+    return mean[0], cov
+
+
+def test_heun_scheme_is_second_order_where_the_exponential_step_is_first():
+    """Exact covariance error of N(μ, Σ) drawn by the memoryless SDE with 8, 16 and 32 steps. The
+    exponential step's error halves when the steps double (first order); "heun"'s quarters."""
+    m = FlowModel(GaussianMixtureVelocity([1.0], MU.double(), COV.double()))
+    err = {(scheme, n): float((_chain_moments(m, n, scheme)[1] - COV[0].double()).abs().max())
+           for scheme in ("exponential", "heun") for n in (8, 16, 32)}
+    for n in (8, 16):
+        assert 1.6 < err["exponential", n] / err["exponential", 2 * n] < 2.4, err
+        assert 3.2 < err["heun", n] / err["heun", 2 * n] < 5.0, err
+    assert err["heun", 16] < 0.01 < 0.03 < err["exponential", 16], err
 
 
 def test_log_prob_matches_gaussian_density():

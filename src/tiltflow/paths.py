@@ -149,6 +149,13 @@ class AffinePath:
         """
         return _exp_coefficients(self, float(s), float(t))
 
+    def trapezoid_weight(self, s: float, t: float) -> float:
+        """w₁ = ∫_s^t (α_u/α_t) (u − s)/(t − s) du: the weight of v(·, t) when v is interpolated
+        linearly on [s, t] in the exponential step (the Heun corrector of integrators.memoryless_step):
+            ∫_s^t (α_u/α_t) v_u du ≈ (w − w₁) v_s + w₁ v_t.
+        """
+        return _trapezoid_weight(self, float(s), float(t))
+
 
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(8)
 
@@ -162,6 +169,14 @@ def _exp_coefficients(path: "AffinePath", s: float, t: float) -> tuple[float, fl
     var = float((wq * ratio**2 * (2.0 * path.eta(u)).numpy()).sum())
     a_s = float(path.alpha(torch.tensor(s, dtype=torch.float64)))
     return a_s / a_t, float((wq * ratio).sum()), math.sqrt(max(var, 0.0))
+
+
+@lru_cache(maxsize=4096)
+def _trapezoid_weight(path: "AffinePath", s: float, t: float) -> float:
+    u = torch.tensor(0.5 * (t - s) * _GL_NODES + 0.5 * (t + s), dtype=torch.float64)
+    wq = 0.5 * (t - s) * _GL_WEIGHTS
+    ratio = (path.alpha(u) / path.alpha(torch.tensor(t, dtype=torch.float64))).numpy()
+    return float((wq * ratio * (u.numpy() - s) / (t - s)).sum())
 
 
 class RectifiedFlow(AffinePath):

@@ -26,7 +26,7 @@ def cmd_sample(args) -> int:
     if not writes():        # sampling trains nothing: under torchrun rank 0 does it alone
         return 0
     model = load_model(args.run, args.device)
-    x = model.sample(args.n, steps=args.steps, sde=args.sde, seed=args.seed).cpu().contiguous()
+    x = model.sample(args.n, steps=args.steps, sde=args.sde, seed=args.seed, scheme=args.scheme).cpu().contiguous()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         import numpy as np
@@ -34,8 +34,10 @@ def cmd_sample(args) -> int:
     else:
         from safetensors.torch import save_file
         save_file({"samples": x}, str(out), metadata={"run": str(args.run), "sde": str(args.sde),
+                                                      "scheme": args.scheme if args.sde else "",
                                                       "steps": str(args.steps), "seed": str(args.seed)})
-    print(f"wrote {tuple(x.shape)} samples ({'SDE' if args.sde else 'ODE'}, {args.steps} steps) to {out}")
+    how = f"SDE, {args.scheme}" if args.sde else "ODE"
+    print(f"wrote {tuple(x.shape)} samples ({how}, {args.steps} steps) to {out}")
     return 0
 
 
@@ -82,6 +84,9 @@ def add_parsers(sub) -> None:
     s.add_argument("--n", type=int, default=1000, help="number of samples (default: 1000)")
     s.add_argument("--steps", type=int, default=100, help="integration steps (default: 100)")
     s.add_argument("--sde", action="store_true", help="memoryless SDE instead of the ODE")
+    s.add_argument("--scheme", choices=("exponential", "heun"), default="exponential",
+                   help="the SDE's step: exponential, or heun (two network calls a step, second order) "
+                        "(default: exponential)")
     s.add_argument("--out", default="samples.npy", help="output file, .npy or .safetensors (default: samples.npy)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto", help=DEVICE_HELP)

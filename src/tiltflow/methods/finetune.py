@@ -66,6 +66,7 @@ import torch
 
 from .. import checkpoint as ckpt
 from .. import distributed as dist
+from .. import integrators
 from ..metrics import mean_pairwise_distance, reward_summary
 from ..models.flow_model import FlowModel, ResidualVelocity
 from ..models.mlp import MLPVelocity
@@ -90,7 +91,7 @@ class FinetuneConfig:
     grad_clip: float = 1.0           # clip the global gradient norm (AM paper uses clipping too)
     init: str = "auto"               # "copy": train a copy of the base net; "residual": base + zero-init MLP; "auto": residual for vectors
     residual_hidden: tuple = (128, 128)
-    scheme: str = "exponential"            # rollout and adjoint step (integrators.memoryless_step)
+    scheme: str = "exponential"      # rollout and adjoint step (integrators.memoryless_step): "exponential", or "heun" (2 network calls a step, second order: fewer steps)
     solver: str = "adjoint_matching" # loss: adjoint_matching, adjoint_sampling, *_score_matching, cmcd (solvers/)
     solver_options: dict = field(default_factory=dict)  # keyword arguments of the solver (e.g. {"weights": False})
     n_offline: int = 4096            # base samples for the objective's stage 1 (CVaR threshold)
@@ -152,11 +153,15 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"gradient_checkpointing must be True or False, got {cfg.gradient_checkpointing!r}")
     if cfg.mixed_precision not in ("no", *_AMP_DTYPES):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.mixed_precision!r}")
+    if cfg.scheme not in integrators.SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(integrators.SCHEMES)} (integrators.memoryless_step), "
+                         f"got {cfg.scheme!r}")
     if cfg.grid not in ("auto", "uniform"):
         raise ValueError(f"grid must be 'auto' (the network's own time grid, else uniform) or 'uniform', got {cfg.grid!r}")
 
 
-def _offline_batch(base: FlowModel, draws, micro: int, steps: int, gens: dict, amp, reward=None, grid="auto"):
+def _offline_batch(base: FlowModel, draws, micro: int, steps: int, gens: dict, amp, reward=None, grid="auto",
+                   scheme="exponential"):
     """Stage-1 base samples (n, *dims), or only their rewards r(x, c) as float64 (n,) when `reward` is given.
 
     draws: [(shard i, count, condition c, repeat)] in order: `count` memoryless-SDE samples under c
@@ -164,14 +169,15 @@ def _offline_batch(base: FlowModel, draws, micro: int, steps: int, gens: dict, a
     that peak memory follows the micro-batch, not n_offline (a latent model decodes `micro` images
     at a time). The reward sees c repeated to the rows (repeat) or c as it is. The chunks of a shard
     draw from its stream one after another: a count ≤ micro draws what one call for all drew.
-    grid: the time grid ("auto" or "uniform", FlowModel.time_grid), as the rollouts'.
+    grid, scheme: the time grid ("auto" or "uniform", FlowModel.time_grid) and the step
+    (integrators.memoryless_step), as the rollouts'.
     """
     out = []
     for i, n, c, repeat in draws:
         for s in range(0, n, micro):
             m = min(micro, n - s)
             with torch.no_grad(), amp():
-                x = base.sample(m, steps=steps, sde=True, cond=c, generator=gens[i], grid=grid)
+                x = base.sample(m, steps=steps, sde=True, cond=c, generator=gens[i], grid=grid, scheme=scheme)
                 out.append(x if reward is None else
                            _rewards_of(reward, x, pr.repeat(c, m) if repeat else c).detach().double())
     if out:
@@ -305,7 +311,7 @@ def _stage1(objective, base, cfg, cond, conds, shards, micro, mine, gens, amp):
     if needs_offline and conds is None:
         sizes = dist.shard_sizes(cfg.n_offline, shards)
         off = dist.all_gather(_offline_batch(base, [(i, sizes[i], cond, False) for i in mine], micro, cfg.steps,
-                                             gens, amp, r, cfg.grid))
+                                             gens, amp, r, cfg.grid, cfg.scheme))
     elif needs_offline:
         # prompt p gets shard_sizes(n_offline, P)[p] samples, split over the shards; gathered in
         # (shard, prompt) order, which every process knows, so each builds the pooled condition
@@ -315,7 +321,7 @@ def _stage1(objective, base, cfg, cond, conds, shards, micro, mine, gens, amp):
             raise ValueError(f"per-prompt thresholds need offline samples of every prompt: n_offline="
                              f"{cfg.n_offline} < {P} prompts")
         off = dist.all_gather(_offline_batch(base, [(i, part[p][i], conds[p], True) for i in mine for p in range(P)],
-                                             micro, cfg.steps, gens, amp, r, cfg.grid))
+                                             micro, cfg.steps, gens, amp, r, cfg.grid, cfg.scheme))
         cond_off = pr.cat([pr.stack_prompts(conds, [part[p][i] for p in range(P)])
                            for i in range(shards) if any(part[p][i] for p in range(P))])
 

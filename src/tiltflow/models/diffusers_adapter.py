@@ -211,22 +211,30 @@ class SD3Velocity(_DiffusersVelocity):
         return (-f).to(x.dtype)                           # dx/dt = x1 − x0 = −(ε − x_data)
 
     def scheduler_grid(self, steps: int, device=None) -> torch.Tensor:
-        """The σ grid of FlowMatchEulerDiscreteScheduler.set_timesteps(steps), as t = 1 − σ.
-
-        diffusers (fixed shift, no dynamic shifting) takes s uniform from 1 to σ_min = S(1/N) and
-        applies S(s) = shift·s / (1 + (shift − 1) s) to it (σ_min is thus shifted twice, as there),
-        then appends σ = 0. Use it with integrators.ode_solve(..., method="euler") to reproduce
-        the pipeline's sampler. Returns (steps + 1,) increasing from 0 to 1.
+        """The σ grid of FlowMatchEulerDiscreteScheduler.set_timesteps(steps), as t = 1 − σ
+        (sd3_grid with this network's shift). Use it with integrators.ode_solve(..., method="euler")
+        to reproduce the pipeline's sampler. Returns (steps + 1,) increasing from 0 to 1.
         """
-        def shift(s):
-            return self.shift * s / (1 + (self.shift - 1) * s)
-        s = shift(torch.linspace(1.0, shift(1.0 / self.num_train_timesteps), steps, dtype=torch.float64))
-        grid = 1.0 - torch.cat([s, torch.zeros(1, dtype=torch.float64)])
-        return grid.to(dtype=torch.get_default_dtype(), device=device)
+        return sd3_grid(steps, self.shift, self.num_train_timesteps, device)
 
     def default_grid(self, steps: int, device=None) -> torch.Tensor:
         """FlowModel's grid="auto": the scheduler's grid (shift 3: small steps near the noise end)."""
         return self.scheduler_grid(steps, device)
+
+
+def sd3_grid(steps: int, shift: float = 3.0, num_train_timesteps: int = 1000, device=None) -> torch.Tensor:
+    """The time grid t = 1 − σ of FlowMatchEulerDiscreteScheduler.set_timesteps(steps).
+
+    diffusers (fixed shift, no dynamic shifting) takes s uniform from 1 to σ_min = S(1/N) and
+    applies S(s) = shift·s / (1 + (shift − 1) s) to it (σ_min is thus shifted twice, as there),
+    then appends σ = 0. Returns (steps + 1,) increasing from 0 to 1 (shift 3: small steps near
+    the noise end).
+    """
+    def S(s):
+        return shift * s / (1 + (shift - 1) * s)
+    s = S(torch.linspace(1.0, S(1.0 / num_train_timesteps), steps, dtype=torch.float64))
+    grid = 1.0 - torch.cat([s, torch.zeros(1, dtype=torch.float64)])
+    return grid.to(dtype=torch.get_default_dtype(), device=device)
 
 
 class UNetVelocity(_DiffusersVelocity):

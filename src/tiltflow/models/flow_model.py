@@ -124,8 +124,9 @@ class FlowModel(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, steps: int = 100, sde: bool = False, cond=None, seed: int | None = None,
                generator: torch.Generator | None = None, method: str = "heun",
-               return_trajectory: bool = False, grid: str = "auto"):
-        """Draw n samples: ODE (`method` euler/midpoint/heun) or the memoryless SDE (`sde=True`).
+               return_trajectory: bool = False, grid: str = "auto", scheme: str = "exponential"):
+        """Draw n samples: ODE (`method` euler/midpoint/heun) or the memoryless SDE (`sde=True`,
+        stepped by `scheme`, integrators.memoryless_step: "exponential", or "heun" for second order).
 
         grid: "auto" (the network's own time grid, e.g. SD3's shifted one; uniform for networks
         without one) or "uniform" (see `time_grid`).
@@ -143,7 +144,7 @@ class FlowModel(nn.Module):
         x = self.prior(n, generator)
         grid = self.time_grid(steps, grid, device=x.device)
         if sde:
-            return integrators.memoryless_solve(self.path, self._v(cond), x, grid, generator,
+            return integrators.memoryless_solve(self.path, self._v(cond), x, grid, generator, scheme,
                                                 return_trajectory=return_trajectory)
         return integrators.ode_solve(self._v(cond), x, grid, method, return_trajectory)
 

@@ -79,7 +79,10 @@ def lean_adjoint(base: FlowModel, ro: Rollout, a1: torch.Tensor, scheme: str = "
                  idx: torch.Tensor | None = None):
     """Backward pass ã_i = (∂X_{i+1}/∂X_i)ᵀ ã_{i+1} through the base step map; returns (steps+1, batch, *dims).
 
-    The noise is additive, so the step map's Jacobian does not depend on it (noise=None).
+    The noise is additive, so the step map's Jacobian does not depend on it (noise=None); for
+    scheme "heun" it does, through the predictor X̃_t, and the sweep takes the noise-free map's
+    (the discrete adjoint of a Heun step of the drift; tests/test_adjoint_matching.py checks the
+    tilt it gives with 10 steps).
     idx (k,): loss times (loss_times); then returns (ã, v_base) with v_base (k, batch, *dims) the
     base velocity v_base(X_i, t_i), i ∈ idx, that the VJP of step i evaluates anyway: the loss
     reuses it instead of a second base forward (only the k rows are kept, so memory does not grow
