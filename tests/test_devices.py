@@ -109,6 +109,7 @@ def test_flow_model_sample_and_log_prob(check):
     m = gaussian_base()
     _finite(m.sample(5, steps=3))
     _finite(m.sample(5, steps=3, sde=True))
+    _finite(m.sample(5, steps=3, sde=True, scheme="heun"))
     _finite(m.log_prob(torch.randn(5, 2), steps=3))
 
 
@@ -127,7 +128,7 @@ def test_finetune_every_solver_with_loss_times(check, solver):
 
 
 @pytest.mark.parametrize("options", [dict(grad_accum=2), dict(mixed_precision="bf16"),
-                                     dict(lr_final=1e-4, loss_chunk=1)])
+                                     dict(lr_final=1e-4, loss_chunk=1), dict(scheme="heun")])
 def test_finetune_options(check, options, tmp_path):
     tilt.finetune(gaussian_base(), tilt.CVaR(Linear(A_LIN), 0.2), out=tmp_path, **FT, **options)
 

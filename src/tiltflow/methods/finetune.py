@@ -156,6 +156,9 @@ def _validate(cfg: FinetuneConfig):
     if cfg.scheme not in integrators.SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(integrators.SCHEMES)} (integrators.memoryless_step), "
                          f"got {cfg.scheme!r}")
+    if cfg.scheme != "exponential" and cfg.solver != "adjoint_matching":
+        raise ValueError(f"scheme={cfg.scheme!r} steps Adjoint Matching's rollouts and adjoint; solver "
+                         f"{cfg.solver!r} builds its own batch, so leave scheme at 'exponential'")
     if cfg.grid not in ("auto", "uniform"):
         raise ValueError(f"grid must be 'auto' (the network's own time grid, else uniform) or 'uniform', got {cfg.grid!r}")
 
