@@ -106,6 +106,8 @@ def memoryless_step(path: AffinePath, v: Velocity, x: torch.Tensor, s: float, t:
         steps on a 1-D mixture).
     noise: standard normal like x, or None for the noise-free (mean) step.
     """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     s, t = float(s), float(t)
     vs = v(x, _tvec(torch.as_tensor(s), x))
     if scheme == "exponential_all" or (scheme in ("exponential", "heun") and t < 1.0):
@@ -115,13 +117,11 @@ def memoryless_step(path: AffinePath, v: Velocity, x: torch.Tensor, s: float, t:
             pred = out if noise is None or std == 0.0 else out + std * noise     # X̃_t
             w1 = path.trapezoid_weight(s, t)
             out = decay * x + 2.0 * ((w - w1) * vs + w1 * v(pred, _tvec(torch.as_tensor(t), x)))
-    elif scheme in ("posterior", "exponential", "heun"):
+    else:           # "posterior", and the step into t = 1 of "exponential" and "heun"
         c, std = path.posterior_coefficients(s, t)
         a_s, a_t = float(path.alpha(torch.tensor(s))), float(path.alpha(torch.tensor(t)))
         y = path.velocity_to_x1(vs, x, torch.tensor(s, dtype=x.dtype))
         out = c * x + (a_t - c * a_s) * y
-    else:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     return out if noise is None or std == 0.0 else out + std * noise
 
 
