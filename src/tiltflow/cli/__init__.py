@@ -67,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one command; returns its exit code. A process started by a launcher (torchrun) with
+    the real command line ends inside, by distributed.end_process (os._exit after flushing)."""
+    code = _main(argv)
+    if argv is None and distributed.launched():
+        distributed.end_process(code)
+    return code
+
+
+def _main(argv) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv        # finetune --config tells the flags given from the defaults; demo saves the command
