@@ -282,7 +282,7 @@ def test_bad_rewards_and_arguments():
         finetune(base, Linear(A_LIN), lam=1.0, iters=0, **kw)
     with pytest.raises(ValueError, match="unknown finetune options"):
         finetune(base, Linear(A_LIN), lam=1.0, iters=1, batchsize=3)
-    with pytest.raises(ValueError, match="scheme must be one of exponential, heun.*got 'huen'"):
+    with pytest.raises(ValueError, match="scheme must be one of 'exponential', 'heun'.*got 'huen'"):
         finetune(base, Linear(A_LIN), lam=1.0, iters=1, scheme="huen", **kw)
     with pytest.raises(ValueError, match="solver 'cmcd' builds its own batch"):
         finetune(base, Linear(A_LIN), lam=1.0, iters=1, scheme="heun", solver="cmcd", **kw)

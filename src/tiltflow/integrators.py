@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from .paths import AffinePath
-from .validation import positive_int
+from .validation import one_of, positive_int
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -106,8 +106,7 @@ def memoryless_step(path: AffinePath, v: Velocity, x: torch.Tensor, s: float, t:
         steps on a 1-D mixture).
     noise: standard normal like x, or None for the noise-free (mean) step.
     """
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+    one_of(scheme, "scheme", SCHEMES)
     s, t = float(s), float(t)
     vs = v(x, _tvec(torch.as_tensor(s), x))
     if scheme == "exponential_all" or (scheme in ("exponential", "heun") and t < 1.0):

@@ -74,6 +74,7 @@ from ..objectives import ExpectedReward, _call_reward, _rewards_of, tail_fractio
 from ..solvers import adjoint_matching as am
 from ..solvers import get_solver
 from ..training import Trainer, cosine
+from ..validation import one_of
 from . import prompts as pr
 
 
@@ -153,9 +154,7 @@ def _validate(cfg: FinetuneConfig):
         raise ValueError(f"gradient_checkpointing must be True or False, got {cfg.gradient_checkpointing!r}")
     if cfg.mixed_precision not in ("no", *_AMP_DTYPES):
         raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {cfg.mixed_precision!r}")
-    if cfg.scheme not in integrators.SCHEMES:
-        raise ValueError(f"scheme must be one of {', '.join(integrators.SCHEMES)} (integrators.memoryless_step), "
-                         f"got {cfg.scheme!r}")
+    one_of(cfg.scheme, "scheme", integrators.SCHEMES)     # integrators.memoryless_step
     if cfg.scheme != "exponential" and cfg.solver != "adjoint_matching":
         raise ValueError(f"scheme={cfg.scheme!r} steps Adjoint Matching's rollouts and adjoint; solver "
                          f"{cfg.solver!r} builds its own batch, so leave scheme at 'exponential'")

@@ -362,10 +362,9 @@ class PropertyReward:
 
     def __call__(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         x = _states(x)
-        p = next(self.predictor.parameters())
-        if p.device != x.device:
+        if next(self.predictor.parameters()).device != x.device:
             self.predictor.to(x.device)
-            p = next(self.predictor.parameters())
+        p = next(self.predictor.parameters())
         return self.scale * self.predictor(x.to(p.dtype)).to(x.dtype)
 
     def __repr__(self) -> str:
